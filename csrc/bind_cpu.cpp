@@ -1,0 +1,29 @@
+// pybind11 module steppo_fast._C: the C++ CPU kernels. Arguments are raw data
+// pointers (as integers), sizes and dtype codes; steppo_fast/_native.py checks
+// every tensor before it calls in.
+#include <pybind11/pybind11.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "step_rewards.h"
+
+namespace py = pybind11;
+
+static int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "steppo_fast C++ CPU kernels";
+  m.def("max_threads", &max_threads, "Threads the OpenMP loops may use (1 without OpenMP).");
+  m.def("step_rewards_cpu", &steppo::step_rewards_cpu, py::arg("rewards"), py::arg("rewards_dtype"),
+        py::arg("step_tokens"), py::arg("step_token_offsets"), py::arg("num_steps"), py::arg("out"),
+        py::arg("out_dtype"), py::call_guard<py::gil_scoped_release>(),
+        "Per-step sum of token rewards over a CSR token list (SPEC section 3).");
+}

@@ -1,0 +1,35 @@
+// Error checking for the CUDA module: every runtime call goes through
+// STEPPO_CUDA_CHECK and every launch is followed by STEPPO_CUDA_CHECK_LAUNCH,
+// which raise std::runtime_error (RuntimeError in Python) naming the call.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace steppo {
+
+inline void cuda_check(cudaError_t err, const char* what, const char* file, int line) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("steppo_fast._C_cuda: ") + what + " failed at " + file + ":" +
+                             std::to_string(line) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) +
+                             ")");
+  }
+}
+
+// Raises a clear error when no CUDA device can be used (no GPU, no driver).
+inline void require_device() {
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    cudaGetLastError();  // clear the sticky error of the failed query
+    throw std::runtime_error(std::string("steppo_fast._C_cuda: no usable CUDA device (cudaGetDeviceCount: ") +
+                             (err == cudaSuccess ? "0 devices" : cudaGetErrorString(err)) + ")");
+  }
+}
+
+}  // namespace steppo
+
+#define STEPPO_CUDA_CHECK(expr) ::steppo::cuda_check((expr), #expr, __FILE__, __LINE__)
+#define STEPPO_CUDA_CHECK_LAUNCH(name) ::steppo::cuda_check(cudaGetLastError(), "launch of " name, __FILE__, __LINE__)

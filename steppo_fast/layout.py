@@ -1,0 +1,384 @@
+"""StepLayout: where every step, trajectory and group of a batch lives (SPEC section 1).
+
+Two input layouts map to one internal form:
+
+* **step rows** (StepPO / verl): one row of the (B, T) token tensors per step, with
+  per-row ``trajectory_id``, ``step_index`` and ``group_id``; rows may come in any order.
+* **packed trajectories**: one row per trajectory; ``step_ids`` (B, T) is -1 on
+  prompt/observation/padding tokens and k on step k's agent tokens.
+
+Internally steps get global ids ``s = 0..S-1``, numbered contiguously per trajectory
+in k order, trajectories ``r = 0..R-1`` (sorted by the caller's trajectory id for step
+rows, row order for packed), groups ``g = 0..G-1`` (sorted by the caller's group id).
+
+Building a layout needs its sizes (S, R, G, the number of agent tokens) on the host,
+which costs one device synchronisation on CUDA. Build it once per batch, outside the
+loss; every op that consumes it is free of host synchronisation. Validation
+(``validate=True``) costs a few more and can be switched off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["StepLayout"]
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _check_int(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _INT_DTYPES:
+        raise ValueError(f"{name} must have an integer dtype (int32/int64), got {t.dtype}")
+
+
+def _first_true(flags: torch.Tensor) -> int:
+    """Index of the first True of a 1-D bool tensor (validation only: syncs)."""
+    return int(torch.nonzero(flags)[0, 0])
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """Internal step layout of one batch. All tensors live on one device.
+
+    Attributes (N = B*T tokens, S steps, R trajectories, G groups):
+        token_shape: (B, T) of the token tensors this layout describes.
+        token_step: (N,) int32, global step id of each token, -1 for non-agent tokens.
+        step_traj: (S,) int64, trajectory of each step.
+        step_pos: (S,) int64, k, the position of each step in its trajectory.
+        traj_step_offsets: (R+1,) int64, steps of trajectory r are ``[off[r], off[r+1])``.
+        traj_group: (R,) int64, group of each trajectory.
+        step_token_offsets: (S+1,) int64, CSR offsets into ``step_tokens``.
+        step_tokens: (N_active,) int64, token indices of each step in time order,
+            steps in id order (so a trajectory's tokens are contiguous and in time order).
+        traj_ids: (R,) int64, the caller's trajectory id of each trajectory.
+        group_ids: (G,) int64, the caller's group id of each group.
+        row_step: (B,) int64 step id of each row for step rows; None for packed.
+        num_steps, num_trajectories, num_groups, num_active_tokens: host ints.
+    """
+
+    token_shape: Tuple[int, int]
+    token_step: torch.Tensor
+    step_traj: torch.Tensor
+    step_pos: torch.Tensor
+    traj_step_offsets: torch.Tensor
+    traj_group: torch.Tensor
+    step_token_offsets: torch.Tensor
+    step_tokens: torch.Tensor
+    traj_ids: torch.Tensor
+    group_ids: torch.Tensor
+    row_step: Optional[torch.Tensor]
+    num_steps: int
+    num_trajectories: int
+    num_groups: int
+    num_active_tokens: int
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def device(self) -> torch.device:
+        return self.token_step.device
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_shape[0] * self.token_shape[1]
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        """(N,) bool, True on agent tokens."""
+        return self.token_step >= 0
+
+    @property
+    def step_num_tokens(self) -> torch.Tensor:
+        """(S,) int64, number of agent tokens of each step."""
+        return self.step_token_offsets[1:] - self.step_token_offsets[:-1]
+
+    @property
+    def traj_num_steps(self) -> torch.Tensor:
+        """(R,) int64, K of each trajectory."""
+        return self.traj_step_offsets[1:] - self.traj_step_offsets[:-1]
+
+    @property
+    def step_group(self) -> torch.Tensor:
+        """(S,) int64, group of each step."""
+        return self.traj_group[self.step_traj]
+
+    def to(self, device) -> "StepLayout":
+        """A copy of the layout with every tensor on ``device``."""
+        fields = {}
+        for name in self.__dataclass_fields__:
+            v = getattr(self, name)
+            fields[name] = v.to(device) if isinstance(v, torch.Tensor) else v
+        return StepLayout(**fields)
+
+    def step_values_from_tokens(self, token_values: torch.Tensor) -> torch.Tensor:
+        """V_k from token-aligned critic outputs (SPEC section 1, "Values").
+
+        In verl's convention the value at token t is the value of the state before
+        generating t, so a step's value is the value at its first agent token.
+        Steps without agent tokens get 0 (pass step values directly for them).
+
+        Args:
+            token_values: (B, T) or (N,) float tensor on the layout's device.
+        Returns:
+            (S,) tensor of token_values' dtype.
+        """
+        v = _flat_tokens("token_values", token_values, self)
+        first = self.step_token_offsets[:-1].clamp(max=max(self.num_active_tokens - 1, 0))
+        if self.num_active_tokens == 0:
+            return torch.zeros(self.num_steps, dtype=v.dtype, device=v.device)
+        idx = self.step_tokens[first]
+        has = self.step_num_tokens > 0
+        return torch.where(has, v[idx], torch.zeros((), dtype=v.dtype, device=v.device))
+
+    # ------------------------------------------------------------ constructors
+    @classmethod
+    def from_step_rows(
+        cls,
+        response_mask: torch.Tensor,
+        trajectory_id: torch.Tensor,
+        step_index: torch.Tensor,
+        group_id: Optional[torch.Tensor] = None,
+        validate: bool = True,
+    ) -> "StepLayout":
+        """Layout of step rows: one row per step (StepPO / verl).
+
+        Args:
+            response_mask: (B, T) bool or 0/1 integer/float tensor, the step's agent tokens.
+            trajectory_id: (B,) integer, the trajectory each row belongs to (>= 0).
+            step_index: (B,) integer, k of the row's step within its trajectory.
+            group_id: (B,) integer, the group (task) of each row; all rows of one
+                trajectory must share it. None puts every trajectory in a group of its own.
+            validate: check that each trajectory's step indices are exactly 0..K-1,
+                ids are non-negative and groups are consistent (a few syncs on CUDA).
+        """
+        if not isinstance(response_mask, torch.Tensor):
+            raise TypeError(f"response_mask must be a torch.Tensor, got {type(response_mask).__name__}")
+        if response_mask.dim() != 2:
+            raise ValueError(f"response_mask must have shape (B, T), got {tuple(response_mask.shape)}")
+        B, T = response_mask.shape
+        if B == 0:
+            raise ValueError("empty batch: response_mask has 0 rows")
+        _check_int("trajectory_id", trajectory_id)
+        _check_int("step_index", step_index)
+        device = response_mask.device
+        for name, t in (("trajectory_id", trajectory_id), ("step_index", step_index)):
+            if t.shape != (B,):
+                raise ValueError(f"{name} must have shape (B,) = ({B},) to match response_mask, got {tuple(t.shape)}")
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but response_mask is on {device}")
+        if group_id is not None:
+            _check_int("group_id", group_id)
+            if group_id.shape != (B,):
+                raise ValueError(f"group_id must have shape (B,) = ({B},) to match response_mask, got {tuple(group_id.shape)}")
+            if group_id.device != device:
+                raise ValueError(f"group_id is on {group_id.device} but response_mask is on {device}")
+        traj = trajectory_id.to(torch.int64)
+        k = step_index.to(torch.int64)
+        if validate:
+            for name, t in (("trajectory_id", traj), ("step_index", k)):
+                bad = t < 0
+                if bool(bad.any()):
+                    i = _first_true(bad)
+                    raise ValueError(f"{name} must be non-negative: row {i} has {int(t[i])}")
+            if group_id is not None and bool((group_id < 0).any()):
+                i = _first_true(group_id < 0)
+                raise ValueError(f"group_id must be non-negative: row {i} has {int(group_id[i])}")
+
+        traj_ids, traj_of_row = torch.unique(traj, sorted=True, return_inverse=True)
+        R = traj_ids.numel()
+        # Sort rows by (trajectory, step index): two stable sorts.
+        order = torch.argsort(k, stable=True)
+        order = order[torch.argsort(traj_of_row[order], stable=True)]
+        counts = torch.bincount(traj_of_row, minlength=R)
+        traj_step_offsets = torch.zeros(R + 1, dtype=torch.int64, device=device)
+        traj_step_offsets[1:] = torch.cumsum(counts, 0)
+        step_traj = traj_of_row[order]
+        step_pos = torch.arange(B, device=device, dtype=torch.int64) - traj_step_offsets[step_traj]
+        if validate:
+            wrong = k[order] != step_pos
+            if bool(wrong.any()):
+                s = _first_true(wrong)
+                r = int(step_traj[s])
+                ks = k[order][traj_step_offsets[r]:traj_step_offsets[r + 1]].tolist()
+                kind = "duplicate step index" if len(set(ks)) < len(ks) else "gap in step indices"
+                raise ValueError(
+                    f"trajectory {int(traj_ids[r])}: {kind}; step_index of its rows must be exactly "
+                    f"0..{len(ks) - 1} in some order, got {sorted(ks)}"
+                )
+        row_step = torch.empty(B, dtype=torch.int64, device=device)
+        row_step[order] = torch.arange(B, device=device, dtype=torch.int64)
+
+        if group_id is None:
+            group_ids = traj_ids.clone()
+            traj_group = torch.arange(R, device=device, dtype=torch.int64)
+        else:
+            g_sorted = group_id.to(torch.int64)[order]
+            first_rows = g_sorted[traj_step_offsets[:-1]]
+            if validate:
+                mismatch = g_sorted != first_rows[step_traj]
+                if bool(mismatch.any()):
+                    s = _first_true(mismatch)
+                    r = int(step_traj[s])
+                    raise ValueError(
+                        f"trajectory {int(traj_ids[r])}: its rows carry different group_id values "
+                        f"({sorted(set(g_sorted[traj_step_offsets[r]:traj_step_offsets[r + 1]].tolist()))}); "
+                        "all steps of a trajectory must belong to one group"
+                    )
+            group_ids, traj_group = torch.unique(first_rows, sorted=True, return_inverse=True)
+
+        mask = _as_bool_mask("response_mask", response_mask)
+        token_step = torch.where(mask, row_step[:, None], torch.full_like(row_step[:, None], -1))
+        return cls._finish(
+            (B, T), token_step.reshape(-1), step_traj, step_pos, traj_step_offsets, traj_group,
+            traj_ids, group_ids, row_step,
+        )
+
+    @classmethod
+    def from_packed(
+        cls,
+        step_ids: torch.Tensor,
+        group_id: Optional[torch.Tensor] = None,
+        num_steps: Optional[torch.Tensor] = None,
+        validate: bool = True,
+    ) -> "StepLayout":
+        """Layout of packed trajectories: one row per trajectory.
+
+        Args:
+            step_ids: (B, T) integer, -1 on non-agent tokens and k on step k's tokens;
+                along a row, step ids of agent tokens never decrease.
+            group_id: (B,) integer group of each trajectory; None gives each its own.
+            num_steps: optional (B,) integer K of each trajectory. Needed only for
+                steps without agent tokens (which packed rows cannot show); when
+                omitted, K = max step id + 1 and every step 0..K-1 must have a token.
+            validate: check ordering, gaps and non-negative ids (a few syncs on CUDA).
+        """
+        _check_int("step_ids", step_ids)
+        if step_ids.dim() != 2:
+            raise ValueError(f"step_ids must have shape (B, T), got {tuple(step_ids.shape)}")
+        B, T = step_ids.shape
+        if B == 0:
+            raise ValueError("empty batch: step_ids has 0 rows")
+        device = step_ids.device
+        sid = step_ids.to(torch.int64)
+        if group_id is not None:
+            _check_int("group_id", group_id)
+            if group_id.shape != (B,):
+                raise ValueError(f"group_id must have shape (B,) = ({B},) to match step_ids, got {tuple(group_id.shape)}")
+            if group_id.device != device:
+                raise ValueError(f"group_id is on {group_id.device} but step_ids is on {device}")
+        if num_steps is not None:
+            _check_int("num_steps", num_steps)
+            if num_steps.shape != (B,):
+                raise ValueError(f"num_steps must have shape (B,) = ({B},), got {tuple(num_steps.shape)}")
+            if num_steps.device != device:
+                raise ValueError(f"num_steps is on {num_steps.device} but step_ids is on {device}")
+        row_max = sid.max(dim=1).values.clamp(min=-1) if T > 0 else torch.full((B,), -1, device=device)
+        K = row_max + 1 if num_steps is None else num_steps.to(torch.int64)
+        if validate:
+            if bool((sid < -1).any()):
+                r = _first_true((sid < -1).any(dim=1))
+                raise ValueError(f"trajectory {r}: step_ids must be -1 (no step) or a step index >= 0, "
+                                 f"got {int(sid[r].min())}")
+            if group_id is not None and bool((group_id < 0).any()):
+                r = _first_true(group_id < 0)
+                raise ValueError(f"group_id must be non-negative: trajectory {r} has {int(group_id[r])}")
+            if num_steps is not None:
+                over = row_max >= K
+                if bool(over.any()):
+                    r = _first_true(over)
+                    raise ValueError(f"trajectory {r}: step id {int(row_max[r])} is not below num_steps = {int(K[r])}")
+                if bool((K < 0).any()):
+                    r = _first_true(K < 0)
+                    raise ValueError(f"num_steps must be non-negative: trajectory {r} has {int(K[r])}")
+            if T > 0:
+                prev_max = torch.cummax(sid, dim=1).values
+                back = (sid >= 0) & (sid < prev_max)
+                if bool(back.any()):
+                    r = _first_true(back.any(dim=1))
+                    raise ValueError(
+                        f"trajectory {r}: step ids go backwards along the row (step "
+                        f"{int(sid[r][back[r]][0])} after step {int(prev_max[r][back[r]][0])}); each step's tokens "
+                        "must come before the next step's"
+                    )
+            if num_steps is None and T > 0:
+                kmax = int(K.max())
+                present = torch.zeros(B, kmax + 1, dtype=torch.bool, device=device)
+                active = sid >= 0
+                rows = torch.arange(B, device=device)[:, None].expand(B, T)
+                present[rows[active], sid[active]] = True
+                missing = (~present[:, :kmax]) & (torch.arange(kmax, device=device)[None, :] < K[:, None])
+                if bool(missing.any()):
+                    r = _first_true(missing.any(dim=1))
+                    gap = _first_true(missing[r])
+                    raise ValueError(
+                        f"trajectory {r}: gap in step indices, step {gap} has no agent token but step "
+                        f"{int(K[r]) - 1} does (pass num_steps to declare steps without tokens)"
+                    )
+
+        traj_step_offsets = torch.zeros(B + 1, dtype=torch.int64, device=device)
+        traj_step_offsets[1:] = torch.cumsum(K, 0)
+        S = int(traj_step_offsets[-1])
+        step_traj = torch.repeat_interleave(torch.arange(B, device=device), K, output_size=S)
+        step_pos = torch.arange(S, device=device, dtype=torch.int64) - traj_step_offsets[step_traj]
+        token_step = torch.where(sid >= 0, sid + traj_step_offsets[:-1, None], torch.full_like(sid, -1))
+        traj_ids = torch.arange(B, device=device, dtype=torch.int64)
+        if group_id is None:
+            group_ids, traj_group = traj_ids.clone(), traj_ids.clone()
+        else:
+            group_ids, traj_group = torch.unique(group_id.to(torch.int64), sorted=True, return_inverse=True)
+        return cls._finish((B, T), token_step.reshape(-1), step_traj, step_pos, traj_step_offsets,
+                           traj_group, traj_ids, group_ids, None)
+
+    @classmethod
+    def _finish(cls, shape, token_step, step_traj, step_pos, traj_step_offsets, traj_group, traj_ids,
+                group_ids, row_step) -> "StepLayout":
+        S = step_traj.numel()
+        active = torch.nonzero(token_step >= 0).squeeze(1)
+        steps_of_active = token_step[active]
+        order = torch.argsort(steps_of_active, stable=True)
+        step_tokens = active[order]
+        counts = torch.bincount(steps_of_active, minlength=S) if S > 0 else torch.zeros(0, dtype=torch.int64,
+                                                                                          device=token_step.device)
+        step_token_offsets = torch.zeros(S + 1, dtype=torch.int64, device=token_step.device)
+        step_token_offsets[1:] = torch.cumsum(counts, 0)
+        return cls(
+            token_shape=(int(shape[0]), int(shape[1])),
+            token_step=token_step.to(torch.int32),
+            step_traj=step_traj.to(torch.int64),
+            step_pos=step_pos.to(torch.int64),
+            traj_step_offsets=traj_step_offsets,
+            traj_group=traj_group.to(torch.int64),
+            step_token_offsets=step_token_offsets,
+            step_tokens=step_tokens.to(torch.int64),
+            traj_ids=traj_ids.to(torch.int64),
+            group_ids=group_ids.to(torch.int64),
+            row_step=row_step,
+            num_steps=int(S),
+            num_trajectories=int(traj_ids.numel()),
+            num_groups=int(group_ids.numel()),
+            num_active_tokens=int(active.numel()),
+        )
+
+
+def _as_bool_mask(name: str, mask: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.dtype.is_floating_point or mask.dtype in _INT_DTYPES:
+        return mask != 0
+    raise TypeError(f"{name} must be bool, integer or float, got {mask.dtype}")
+
+
+def _flat_tokens(name: str, t: torch.Tensor, layout: StepLayout) -> torch.Tensor:
+    """Checks a token tensor against the layout and returns it as (N,)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    B, T = layout.token_shape
+    if tuple(t.shape) not in ((B, T), (B * T,)):
+        raise ValueError(f"{name} must have shape (B, T) = ({B}, {T}) or (N,) = ({B * T},), got {tuple(t.shape)}")
+    if t.device != layout.device:
+        raise ValueError(f"{name} is on {t.device} but the layout is on {layout.device}")
+    return t.reshape(-1)

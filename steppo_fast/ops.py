@@ -1,0 +1,674 @@
+"""The one registry of steppo_fast ops.
+
+Every public op is a ``torch.library.custom_op("steppo_fast::<op>")`` with a fake
+kernel (so it traces under ``torch.compile`` and passes ``opcheck``) and, where it is
+differentiable, a registered autograd formula. Its implementation picks a backend by
+the tensors' device:
+
+=======  ================================  ==========
+device   first choice                      fallback
+=======  ================================  ==========
+CUDA     ``triton`` or ``cuda`` (per op)   reference
+CPU      ``cpp``                           reference
+=======  ================================  ==========
+
+``backend=`` on the call, else the ``STEPPO_FAST_BACKEND`` environment variable,
+overrides the choice. A backend that is not available for an op falls back to the
+reference with one warning per (op, backend); an unknown name is an error.
+
+The functions here take raw tensors. The layout-aware fronts live in
+``advantages.py``, ``losses.py`` and ``logprob.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _native
+from . import reference as ref
+
+BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
+_GPU_BACKENDS = ("triton", "cuda")
+_IMPLS: Dict[str, Dict[str, Callable]] = {}
+_warned = set()
+
+
+def register_backend(op: str, backend: str):
+    """Decorator: registers ``fn`` as ``backend``'s implementation of ``op``."""
+    if backend not in BACKENDS[1:]:
+        raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
+
+    def deco(fn):
+        _IMPLS.setdefault(op, {})[backend] = fn
+        return fn
+
+    return deco
+
+
+def available_backends(op: str, device_type: str) -> List[str]:
+    """Backends of ``op`` that can run on ``device_type`` ("cpu" or "cuda") right now."""
+    out = []
+    for name in _IMPLS.get(op, {}):
+        if _backend_usable(name, device_type):
+            out.append(name)
+    return out
+
+
+def _triton_usable(device_type: str) -> bool:
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _backend_usable(name: str, device_type: str) -> bool:
+    if name == "reference":
+        return True
+    if name == "cpp":
+        return device_type == "cpu" and _native.cpu_module() is not None
+    if name == "cuda":
+        return device_type == "cuda" and _native.cuda_module() is not None
+    if name == "triton":
+        return _triton_usable(device_type)
+    return False
+
+
+def resolve_backend(op: str, device: torch.device, backend: str = "auto") -> str:
+    """The backend that runs ``op`` for tensors on ``device``, given a request."""
+    requested = backend
+    if requested == "auto":
+        requested = os.environ.get("STEPPO_FAST_BACKEND", "auto") or "auto"
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    dev = torch.device(device).type
+    impls = _IMPLS[op]
+    if requested == "auto":
+        order = list(_GPU_BACKENDS) if dev == "cuda" else ["cpp"]
+        for name in order:
+            if name in impls and _backend_usable(name, dev):
+                return name
+        key = (op, dev, "auto")
+        if key not in _warned:
+            _warned.add(key)
+            wanted = " or ".join(order)
+            warnings.warn(f"steppo_fast::{op}: no {wanted} kernel available on {dev}; using the PyTorch reference",
+                          RuntimeWarning, stacklevel=4)
+        return "reference"
+    if requested in ("cpp",) and dev != "cpu":
+        raise ValueError(f"backend {requested!r} runs on CPU tensors, but {op} got tensors on {dev}")
+    if requested == "cuda" and dev != "cuda":
+        raise ValueError(f"backend 'cuda' runs on CUDA tensors, but {op} got tensors on {dev}")
+    if requested in impls and _backend_usable(requested, dev):
+        return requested
+    key = (op, dev, requested)
+    if key not in _warned:
+        _warned.add(key)
+        why = "has no such kernel" if requested not in impls else "is not available here"
+        warnings.warn(f"steppo_fast::{op}: backend {requested!r} {why} on {dev}; using the PyTorch reference",
+                      RuntimeWarning, stacklevel=4)
+    return "reference"
+
+
+def _run(op: str, device: torch.device, backend: str, *args):
+    return _IMPLS[op][resolve_backend(op, device, backend)](*args)
+
+
+def _acc(*tensors: Optional[Tensor]) -> torch.dtype:
+    return ref.acc_dtype(*tensors)
+
+
+# =========================================================== SPEC 2: log-probs
+@torch.library.custom_op("steppo_fast::token_logprobs", mutates_args=())
+def _token_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, temperature: float, with_entropy: bool,
+                    backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return _run("token_logprobs", logits.device, backend, logits, labels, mask, temperature, with_entropy)
+
+
+@_token_logprobs.register_fake
+def _(logits, labels, mask, temperature, with_entropy, backend):
+    n = logits.shape[0]
+    dt = _acc(logits)
+    return logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt)
+
+
+@register_backend("token_logprobs", "reference")
+def _token_logprobs_ref(logits, labels, mask, temperature, with_entropy):
+    logp, ent, lse = ref.token_logprob_stats(logits, labels, mask, temperature)
+    return logp, (ent if with_entropy else torch.zeros_like(ent)), lse
+
+
+@torch.library.custom_op("steppo_fast::token_logprobs_backward", mutates_args=())
+def _token_logprobs_backward(logits: Tensor, labels: Tensor, mask: Tensor, lse: Tensor, grad_logp: Tensor,
+                             grad_entropy: Tensor, temperature: float, backend: str) -> Tensor:
+    return _run("token_logprobs_backward", logits.device, backend, logits, labels, mask, lse, grad_logp,
+                grad_entropy, temperature)
+
+
+@_token_logprobs_backward.register_fake
+def _(logits, labels, mask, lse, grad_logp, grad_entropy, temperature, backend):
+    return torch.empty_like(logits)
+
+
+@register_backend("token_logprobs_backward", "reference")
+def _token_logprobs_backward_ref(logits, labels, mask, lse, grad_logp, grad_entropy, temperature):
+    g = ref.token_logprobs_backward(logits, labels, mask, grad_logp, grad_entropy, temperature)
+    return g.to(logits.dtype)
+
+
+def _tlp_setup(ctx, inputs, output):
+    logits, labels, mask, temperature, with_entropy, backend = inputs
+    ctx.save_for_backward(logits, labels, mask, output[2])
+    ctx.temperature, ctx.backend = temperature, backend
+
+
+def _tlp_backward(ctx, g_logp, g_ent, g_lse):
+    logits, labels, mask, lse = ctx.saved_tensors
+    n = logits.shape[0]
+    g_logp = g_logp if g_logp is not None else logits.new_zeros(n, dtype=torch.float32)
+    g_ent = g_ent if g_ent is not None else logits.new_zeros(n, dtype=torch.float32)
+    grad = _token_logprobs_backward(logits, labels, mask, lse, g_logp, g_ent, ctx.temperature, ctx.backend)
+    return grad, None, None, None, None, None
+
+
+_token_logprobs.register_autograd(_tlp_backward, setup_context=_tlp_setup)
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, temperature: float = 1.0,
+                   with_entropy: bool = True, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Per-token log-prob of the label and entropy (SPEC 2), differentiable in logits.
+
+    Args:
+        logits: (N, V) float32/bfloat16/float16.
+        labels: (N,) int32/int64; ignored where mask is False.
+        mask: (N,) bool, the tokens to compute.
+    Returns:
+        (logp, entropy), each (N,) float32 (float64 for float64 logits), 0 where masked out.
+    """
+    logp, ent, _ = _token_logprobs(logits, labels, mask, float(temperature), bool(with_entropy), backend)
+    return logp, ent
+
+
+@torch.library.custom_op("steppo_fast::linear_token_logprobs", mutates_args=())
+def _linear_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, mask: Tensor,
+                           temperature: float, backend: str) -> Tuple[Tensor, Tensor]:
+    return _run("linear_token_logprobs", hidden.device, backend, hidden, weight, bias, labels, mask, temperature)
+
+
+@_linear_token_logprobs.register_fake
+def _(hidden, weight, bias, labels, mask, temperature, backend):
+    dt = _acc(hidden, weight, bias)
+    n = hidden.shape[0]
+    return hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt)
+
+
+@register_backend("linear_token_logprobs", "reference")
+def _linear_token_logprobs_ref(hidden, weight, bias, labels, mask, temperature):
+    return ref.linear_token_logprobs(hidden, weight, labels, mask, temperature, bias)
+
+
+@torch.library.custom_op("steppo_fast::linear_token_logprobs_backward", mutates_args=())
+def _linear_token_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                                    mask: Tensor, grad_logp: Tensor, grad_entropy: Tensor, temperature: float,
+                                    backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return _run("linear_token_logprobs_backward", hidden.device, backend, hidden, weight, bias, labels, mask,
+                grad_logp, grad_entropy, temperature)
+
+
+@_linear_token_logprobs_backward.register_fake
+def _(hidden, weight, bias, labels, mask, grad_logp, grad_entropy, temperature, backend):
+    gb = torch.empty_like(bias) if bias is not None else weight.new_empty(weight.shape[0])
+    return torch.empty_like(hidden), torch.empty_like(weight), gb
+
+
+@register_backend("linear_token_logprobs_backward", "reference")
+def _linear_token_logprobs_backward_ref(hidden, weight, bias, labels, mask, grad_logp, grad_entropy, temperature):
+    gh, gw, gb = ref.linear_token_logprobs_backward(hidden, weight, labels, mask, grad_logp, grad_entropy,
+                                                    temperature, bias)
+    gb = gb.to(bias.dtype) if bias is not None else weight.new_zeros(weight.shape[0])
+    return gh.to(hidden.dtype), gw.to(weight.dtype), gb
+
+
+def _ltlp_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, mask, temperature, backend = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, mask)
+    ctx.temperature, ctx.backend = temperature, backend
+
+
+def _ltlp_backward(ctx, g_logp, g_ent):
+    hidden, weight, bias, labels, mask = ctx.saved_tensors
+    n = hidden.shape[0]
+    g_logp = g_logp if g_logp is not None else hidden.new_zeros(n, dtype=torch.float32)
+    g_ent = g_ent if g_ent is not None else hidden.new_zeros(n, dtype=torch.float32)
+    gh, gw, gb = _linear_token_logprobs_backward(hidden, weight, bias, labels, mask, g_logp, g_ent,
+                                                 ctx.temperature, ctx.backend)
+    return gh, gw, (gb if bias is not None else None), None, None, None, None
+
+
+_linear_token_logprobs.register_autograd(_ltlp_backward, setup_context=_ltlp_setup)
+
+
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor, temperature: float = 1.0,
+                          bias: Optional[Tensor] = None, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """(logp, entropy) from hidden (N, H) and lm_head weight (V, H) (+ bias (V,)); SPEC 2.
+
+    Differentiable in hidden, weight and bias. Returns two (N,) float32 tensors.
+    """
+    return _linear_token_logprobs(hidden, weight, bias, labels, mask, float(temperature), backend)
+
+
+# ====================================================== SPEC 3-6: credit assignment
+@torch.library.custom_op("steppo_fast::step_rewards", mutates_args=())
+def _step_rewards(token_rewards: Tensor, token_step: Tensor, step_tokens: Tensor, step_token_offsets: Tensor,
+                  backend: str) -> Tensor:
+    return _run("step_rewards", token_rewards.device, backend, token_rewards, token_step, step_tokens,
+                step_token_offsets)
+
+
+@_step_rewards.register_fake
+def _(token_rewards, token_step, step_tokens, step_token_offsets, backend):
+    return token_rewards.new_empty(step_token_offsets.shape[0] - 1, dtype=_acc(token_rewards))
+
+
+@register_backend("step_rewards", "reference")
+def _step_rewards_ref(token_rewards, token_step, step_tokens, step_token_offsets):
+    return ref.step_rewards(token_rewards, token_step, step_token_offsets.numel() - 1)
+
+
+@register_backend("step_rewards", "cpp")
+def _step_rewards_cpp(token_rewards, token_step, step_tokens, step_token_offsets):
+    mod = _native.cpu_module()
+    out = torch.empty(step_token_offsets.numel() - 1, dtype=_acc(token_rewards))
+    r = token_rewards.contiguous()
+    mod.step_rewards_cpu(
+        _native.ptr("token_rewards", r), _native.dtype_code("token_rewards", r),
+        _native.ptr("step_tokens", step_tokens, torch.int64),
+        _native.ptr("step_token_offsets", step_token_offsets, torch.int64),
+        out.numel(), out.data_ptr(), _native.dtype_code("out", out),
+    )
+    return out
+
+
+@register_backend("step_rewards", "cuda")
+def _step_rewards_cuda(token_rewards, token_step, step_tokens, step_token_offsets):
+    mod = _native.cuda_module()
+    out = torch.empty(step_token_offsets.numel() - 1, dtype=_acc(token_rewards), device=token_rewards.device)
+    r = token_rewards.contiguous()
+    mod.step_rewards_cuda(
+        _native.ptr("token_rewards", r), _native.dtype_code("token_rewards", r),
+        _native.ptr("step_tokens", step_tokens, torch.int64),
+        _native.ptr("step_token_offsets", step_token_offsets, torch.int64),
+        out.numel(), out.data_ptr(), _native.dtype_code("out", out), _native.cuda_stream(r), r.device.index or 0,
+    )
+    return out
+
+
+@register_backend("step_rewards", "triton")
+def _step_rewards_triton(token_rewards, token_step, step_tokens, step_token_offsets):
+    from .kernels import step_rewards as k
+
+    return k.step_rewards(token_rewards.contiguous(), step_tokens.contiguous(), step_token_offsets.contiguous())
+
+
+def step_rewards(token_rewards: Tensor, token_step: Tensor, step_tokens: Tensor, step_token_offsets: Tensor,
+                 backend: str = "auto") -> Tensor:
+    """r_s = sum of the token rewards of step s's agent tokens (SPEC 3).
+
+    Args:
+        token_rewards: (N,) float; token_step: (N,) int32 step id or -1;
+        step_tokens, step_token_offsets: the layout's CSR token list (int64).
+    Returns:
+        (S,) float32 (float64 for float64 rewards).
+    """
+    return _step_rewards(token_rewards, token_step, step_tokens, step_token_offsets, backend)
+
+
+@torch.library.custom_op("steppo_fast::broadcast_to_tokens", mutates_args=())
+def _broadcast_to_tokens(step_values: Tensor, token_step: Tensor, backend: str) -> Tensor:
+    return _run("broadcast_to_tokens", step_values.device, backend, step_values, token_step)
+
+
+@_broadcast_to_tokens.register_fake
+def _(step_values, token_step, backend):
+    return step_values.new_empty(token_step.shape)
+
+
+register_backend("broadcast_to_tokens", "reference")(ref.broadcast_to_tokens)
+
+
+def broadcast_to_tokens(step_values: Tensor, token_step: Tensor, backend: str = "auto") -> Tensor:
+    """(N,) tensor: step_values[token_step[t]] on agent tokens, 0 elsewhere (SPEC 4)."""
+    return _broadcast_to_tokens(step_values, token_step, backend)
+
+
+@torch.library.custom_op("steppo_fast::step_gae", mutates_args=())
+def _step_gae(step_rewards: Tensor, step_values: Tensor, traj_step_offsets: Tensor, gamma: float, lam: float,
+              backend: str) -> Tuple[Tensor, Tensor]:
+    return _run("step_gae", step_rewards.device, backend, step_rewards, step_values, traj_step_offsets, gamma, lam)
+
+
+@_step_gae.register_fake
+def _(step_rewards, step_values, traj_step_offsets, gamma, lam, backend):
+    dt = _acc(step_rewards, step_values)
+    return step_rewards.new_empty(step_rewards.shape, dtype=dt), step_rewards.new_empty(step_rewards.shape, dtype=dt)
+
+
+register_backend("step_gae", "reference")(ref.step_gae)
+
+
+def step_gae(step_rewards: Tensor, step_values: Tensor, traj_step_offsets: Tensor, gamma: float = 1.0,
+             lam: float = 1.0, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Unwhitened step-level GAE (SPEC 4): (advantages, returns), each (S,)."""
+    return _step_gae(step_rewards, step_values, traj_step_offsets, float(gamma), float(lam), backend)
+
+
+@torch.library.custom_op("steppo_fast::token_gae", mutates_args=())
+def _token_gae(token_rewards: Tensor, token_values: Tensor, step_tokens: Tensor, step_token_offsets: Tensor,
+               traj_step_offsets: Tensor, gamma: float, lam: float, backend: str) -> Tuple[Tensor, Tensor]:
+    return _run("token_gae", token_rewards.device, backend, token_rewards, token_values, step_tokens,
+                step_token_offsets, traj_step_offsets, gamma, lam)
+
+
+@_token_gae.register_fake
+def _(token_rewards, token_values, step_tokens, step_token_offsets, traj_step_offsets, gamma, lam, backend):
+    dt = _acc(token_rewards, token_values)
+    return token_rewards.new_empty(token_rewards.shape, dtype=dt), token_rewards.new_empty(token_rewards.shape,
+                                                                                            dtype=dt)
+
+
+register_backend("token_gae", "reference")(ref.token_gae)
+
+
+def token_gae(token_rewards: Tensor, token_values: Tensor, step_tokens: Tensor, step_token_offsets: Tensor,
+              traj_step_offsets: Tensor, gamma: float = 1.0, lam: float = 1.0,
+              backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Unwhitened token-level GAE across steps (SPEC 5): (advantages, returns), each (N,)."""
+    return _token_gae(token_rewards, token_values, step_tokens, step_token_offsets, traj_step_offsets,
+                      float(gamma), float(lam), backend)
+
+
+# Whitening is split in two so that data-parallel callers can all-reduce the
+# moments in between: moments -> (all-reduce) -> apply.
+WHITEN_MODES = ("step", "token")
+
+
+@torch.library.custom_op("steppo_fast::whiten_moments", mutates_args=())
+def _whiten_moments(x: Tensor, mask: Optional[Tensor], backend: str) -> Tensor:
+    return _run("whiten_moments", x.device, backend, x, mask)
+
+
+@_whiten_moments.register_fake
+def _(x, mask, backend):
+    return x.new_empty(3, dtype=torch.float64)
+
+
+@register_backend("whiten_moments", "reference")
+def _whiten_moments_ref(x, mask):
+    xd = x.double()
+    if mask is not None:
+        m = mask.bool()
+        xd = torch.where(m, xd, torch.zeros_like(xd))
+        cnt = m.sum().double()
+    else:
+        cnt = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
+    return torch.stack([cnt, xd.sum(), (xd * xd).sum()])
+
+
+@torch.library.custom_op("steppo_fast::whiten_apply", mutates_args=())
+def _whiten_apply(x: Tensor, mask: Optional[Tensor], moments: Tensor, mode: str, backend: str) -> Tensor:
+    if mode not in WHITEN_MODES:
+        raise ValueError(f"mode must be one of {WHITEN_MODES}, got {mode!r}")
+    return _run("whiten_apply", x.device, backend, x, mask, moments, mode)
+
+
+@_whiten_apply.register_fake
+def _(x, mask, moments, mode, backend):
+    return x.new_empty(x.shape, dtype=_acc(x))
+
+
+@register_backend("whiten_apply", "reference")
+def _whiten_apply_ref(x, mask, moments, mode):
+    dt = _acc(x)
+    n, s, ss = moments[0], moments[1], moments[2]
+    mean = s / n.clamp(min=1)
+    # Unbiased variance from the moments; fewer than 2 elements give 0.
+    var = ((ss - s * mean) / (n - 1).clamp(min=1)).clamp(min=0)
+    var = torch.where(n >= 2, var, torch.zeros_like(var))
+    xd = x.double()
+    if mode == "step":
+        out = (xd - mean) / (var.sqrt() + ref.WHITEN_STEP_EPS)
+    else:
+        out = (xd - mean) * torch.rsqrt(var + ref.WHITEN_TOKEN_EPS)
+    if mask is not None:
+        out = torch.where(mask.bool(), out, torch.zeros_like(out))
+    return out.to(dt)
+
+
+def whiten(x: Tensor, mask: Optional[Tensor] = None, mode: str = "step", process_group=None,
+           backend: str = "auto") -> Tensor:
+    """Whitening over all entries (or the masked ones), optionally across data-parallel ranks.
+
+    ``mode="step"`` (SPEC 4): (x - mean) / (std + 1e-8). ``mode="token"`` (SPEC 5, verl's
+    ``masked_whiten``): (x - mean) * rsqrt(var + 1e-8), 0 outside ``mask``. The std is
+    unbiased and taken as 0 below 2 elements. With ``process_group``, one all-reduce of
+    (count, sum, sum of squares) in float64 makes every rank use the global statistics.
+
+    Args:
+        x: (M,) float; mask: (M,) bool or None.
+    Returns:
+        (M,) float32 (float64 for float64 x).
+    """
+    if mode not in WHITEN_MODES:
+        raise ValueError(f"mode must be one of {WHITEN_MODES}, got {mode!r}")
+    moments = _whiten_moments(x, mask, backend)
+    if process_group is not None:
+        import torch.distributed as dist
+
+        if process_group is True:
+            process_group = None  # the default group
+        dist.all_reduce(moments, op=dist.ReduceOp.SUM, group=process_group)
+    return _whiten_apply(x, mask, moments, mode, backend)
+
+
+GROUP_NORMS = ("mean_std", "mean", "rloo")
+SINGLETONS = ("unit", "zero")
+
+
+@torch.library.custom_op("steppo_fast::group_advantage", mutates_args=())
+def _group_advantage(values: Tensor, group: Tensor, subkey: Optional[Tensor], norm: str, singleton: str,
+                     eps: float, backend: str) -> Tensor:
+    if norm not in GROUP_NORMS:
+        raise ValueError(f"norm must be one of {GROUP_NORMS}, got {norm!r}")
+    if singleton not in SINGLETONS:
+        raise ValueError(f"singleton must be one of {SINGLETONS}, got {singleton!r}")
+    return _run("group_advantage", values.device, backend, values, group, subkey, norm, singleton, eps)
+
+
+@_group_advantage.register_fake
+def _(values, group, subkey, norm, singleton, eps, backend):
+    return values.new_empty(values.shape, dtype=_acc(values))
+
+
+@register_backend("group_advantage", "reference")
+def _group_advantage_ref(values, group, subkey, norm, singleton, eps):
+    x = values.to(_acc(values))
+    if x.numel() == 0:
+        return x.clone()
+    if subkey is None:
+        _, gid = torch.unique(group.long(), return_inverse=True)
+    else:
+        _, gid = torch.unique(torch.stack([group.long(), subkey.long()], 1), dim=0, return_inverse=True)
+    n, mean, std = ref._group_stats(x, gid)
+    single = n < 2
+    if norm == "mean_std":
+        out = (x - mean) / (std + eps)
+        single_out = x / (1.0 + eps)
+    elif norm == "mean":
+        out = x - mean
+        single_out = x
+    else:  # rloo
+        out = n * (x - mean) / (n - 1).clamp(min=1)
+        single_out = x
+    if singleton == "zero":
+        single_out = torch.zeros_like(x)
+    return torch.where(single, single_out, out)
+
+
+def group_advantage(values: Tensor, group: Tensor, subkey: Optional[Tensor] = None, norm: str = "mean_std",
+                    singleton: str = "unit", eps: float = ref.GROUP_EPS, backend: str = "auto") -> Tensor:
+    """Normalises values within groups of equal ``group`` (and ``subkey``) ids (SPEC 6).
+
+    ``norm``: "mean_std" (x - mean) / (std + eps) with unbiased std (GRPO); "mean"
+    x - mean (Dr. GRPO, REINFORCE++ baseline); "rloo" n (x - mean) / (n - 1).
+    ``singleton``: a group of one is treated as mean 0, std 1 ("unit": GRPO, RLOO) or
+    gives 0 ("zero": GiGPO step groups).
+
+    Args:
+        values: (M,) float; group: (M,) int64; subkey: (M,) int64 or None.
+    Returns:
+        (M,) float32 (float64 for float64 values).
+    """
+    return _group_advantage(values, group, subkey, norm, singleton, float(eps), backend)
+
+
+# ================================================================ SPEC 7-8: losses
+POLICY_METRICS = ("pg_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "ratio_mean", "ratio_min", "ratio_max",
+                  "entropy", "kl")
+
+
+@torch.library.custom_op("steppo_fast::policy_loss", mutates_args=())
+def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, token_step: Tensor, weights: Optional[Tensor],
+                 entropy: Optional[Tensor], ref_logp: Optional[Tensor], num_steps: int, ratio_level: str,
+                 clip_low: float, clip_high: float, dual_clip: Optional[float], agg_mode: str, entropy_coef: float,
+                 kl_coef: float, kl_type: str, global_num_tokens: Optional[float], global_num_steps: Optional[float],
+                 norm_constant: Optional[float], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _run("policy_loss", logp.device, backend, logp, old_logp, advantages, token_step, weights, entropy,
+                ref_logp, num_steps, ratio_level, clip_low, clip_high, dual_clip, agg_mode, entropy_coef, kl_coef,
+                kl_type, global_num_tokens, global_num_steps, norm_constant)
+
+
+@_policy_loss.register_fake
+def _(logp, old_logp, advantages, token_step, weights, entropy, ref_logp, *args):
+    dt = _acc(logp, old_logp, advantages)
+    ge = torch.empty_like(entropy) if entropy is not None else logp.new_empty(0)
+    return (logp.new_empty((), dtype=dt), logp.new_empty(len(POLICY_METRICS), dtype=dt), torch.empty_like(logp), ge)
+
+
+@register_backend("policy_loss", "reference")
+def _policy_loss_ref(logp, old_logp, advantages, token_step, weights, entropy, ref_logp, num_steps, ratio_level,
+                     clip_low, clip_high, dual_clip, agg_mode, entropy_coef, kl_coef, kl_type, global_num_tokens,
+                     global_num_steps, norm_constant):
+    # The loss and its gradients come together (closed-form gradients of the reference).
+    args = (logp, old_logp, advantages, token_step, num_steps, ratio_level, clip_low, clip_high, dual_clip, agg_mode,
+            weights, entropy, entropy_coef, ref_logp, kl_coef, kl_type, global_num_tokens, global_num_steps,
+            norm_constant)
+    loss, metrics = ref.policy_loss(*args)
+    g_lp, g_ent = ref.policy_loss_grads(*args)
+    g_ent = g_ent.to(entropy.dtype) if entropy is not None else logp.new_empty(0)
+    m = torch.stack([metrics[k].to(loss.dtype) for k in POLICY_METRICS])
+    return loss, m, g_lp.to(logp.dtype), g_ent
+
+
+def _pl_setup(ctx, inputs, output):
+    ctx.has_entropy = inputs[5] is not None
+    ctx.save_for_backward(output[2], output[3])
+
+
+def _pl_backward(ctx, g_loss, g_metrics, g_gl, g_ge):
+    g_lp, g_ent = ctx.saved_tensors
+    grad_logp = (g_loss * g_lp).to(g_lp.dtype)
+    grad_ent = (g_loss * g_ent).to(g_ent.dtype) if ctx.has_entropy else None
+    return (grad_logp, None, None, None, None, grad_ent) + (None,) * 14
+
+
+_policy_loss.register_autograd(_pl_backward, setup_context=_pl_setup)
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, token_step: Tensor, num_steps: int,
+                ratio_level: str = "step", clip_low: float = 0.2, clip_high: float = 0.2,
+                dual_clip: Optional[float] = None, agg_mode: str = "seq-mean-token-mean",
+                weights: Optional[Tensor] = None, entropy: Optional[Tensor] = None, entropy_coef: float = 0.0,
+                ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0, kl_type: str = "k3",
+                global_num_tokens: Optional[float] = None, global_num_steps: Optional[float] = None,
+                norm_constant: Optional[float] = None, backend: str = "auto") -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The clipped policy loss (SPEC 7) over flat token tensors; differentiable in logp and entropy.
+
+    Args:
+        logp, old_logp, advantages: (N,) float; token_step: (N,) int32/int64 step id, -1 off-step.
+        num_steps: S, the number of steps ids in token_step index.
+        weights, entropy, ref_logp: optional (N,) float.
+    Returns:
+        (loss, metrics): 0-dim loss and a dict of 0-dim metrics named in ``POLICY_METRICS``.
+    No host synchronisation; all arguments are checked in ``losses.check_loss_args``.
+    """
+    loss, m, _, _ = _policy_loss(logp, old_logp, advantages, token_step, weights, entropy, ref_logp, int(num_steps),
+                                 ratio_level, float(clip_low), float(clip_high),
+                                 None if dual_clip is None else float(dual_clip), agg_mode, float(entropy_coef),
+                                 float(kl_coef), kl_type, _opt_float(global_num_tokens), _opt_float(global_num_steps),
+                                 _opt_float(norm_constant), backend)
+    return loss, dict(zip(POLICY_METRICS, m.detach().unbind(0)))
+
+
+def _opt_float(x) -> Optional[float]:
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"global counts and norm_constant must be scalars, got shape {tuple(x.shape)}")
+        x = x.item()  # a host value: the caller passes global counts it already holds
+    return float(x)
+
+
+@torch.library.custom_op("steppo_fast::value_loss", mutates_args=())
+def _value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Optional[Tensor], clip: float,
+                backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return _run("value_loss", values.device, backend, values, old_values, returns, mask, clip)
+
+
+@_value_loss.register_fake
+def _(values, old_values, returns, mask, clip, backend):
+    dt = _acc(values, old_values, returns)
+    return values.new_empty((), dtype=dt), values.new_empty((), dtype=dt), torch.empty_like(values)
+
+
+@register_backend("value_loss", "reference")
+def _value_loss_ref(values, old_values, returns, mask, clip):
+    loss, clipfrac = ref.value_loss(values, old_values, returns, clip, mask)
+    g = ref.value_loss_grad(values, old_values, returns, clip, mask)
+    return loss, clipfrac, g.to(values.dtype)
+
+
+def _vl_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+
+
+def _vl_backward(ctx, g_loss, g_clipfrac, g_grad):
+    (g,) = ctx.saved_tensors
+    return (g_loss * g).to(g.dtype), None, None, None, None, None
+
+
+_value_loss.register_autograd(_vl_backward, setup_context=_vl_setup)
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Optional[Tensor] = None,
+               clip: float = 0.5, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Clipped value loss at step boundaries (SPEC 8): (loss, vf_clipfrac), 0-dim.
+
+    Args:
+        values, old_values, returns: (S,) float; mask: (S,) bool or None (all steps).
+    Differentiable in ``values``.
+    """
+    loss, clipfrac, _ = _value_loss(values, old_values, returns, mask, float(clip), backend)
+    return loss, clipfrac.detach()
+
+
+def registered_ops() -> Sequence[str]:
+    """Names of every op in the registry (``steppo_fast::<name>``)."""
+    return tuple(sorted(_IMPLS))
