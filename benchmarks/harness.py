@@ -1,0 +1,233 @@
+"""The shared benchmark harness: time every backend and peer of an op on a size grid.
+
+For each (size, variant) it reports the median time, achieved GB/s (or TFLOP/s),
+the peak memory allocated during one call, and the max error against the fp64
+reference. GPU timings use ``triton.testing.do_bench`` (median); CPU timings use
+``torch.utils.benchmark`` (median of ``blocked_autorange``). Results go to JSON and
+markdown under ``benchmarks/results/`` with the device, versions, commit and date.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+Outputs = Any  # a tensor or a tuple of tensors
+
+
+@dataclass
+class Variant:
+    """One implementation to time: ``fn(state) -> outputs``."""
+
+    name: str
+    fn: Callable[[Dict[str, Any]], Outputs]
+    kind: str = "steppo_fast"  # or "peer"
+
+
+@dataclass
+class Case:
+    """One op at one size: inputs, the fp64 oracle and the minimum traffic / work."""
+
+    op: str
+    size: Dict[str, Any]
+    state: Dict[str, Any]
+    reference64: Callable[[Dict[str, Any]], Outputs]
+    bytes_moved: float = 0.0  # fewest bytes a pass must move (each input read once, outputs written once)
+    flops: float = 0.0
+    variants: List[Variant] = field(default_factory=list)
+
+
+def _flat(out: Outputs) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [v for v in out.values() if isinstance(v, torch.Tensor)]
+    res = []
+    for o in out:
+        res.extend(_flat(o))
+    return res
+
+
+def max_error(out: Outputs, ref: Outputs) -> float:
+    """Max abs difference over all output tensors (compared in float64)."""
+    err = 0.0
+    for a, b in zip(_flat(out), _flat(ref)):
+        if a.numel():
+            err = max(err, (a.detach().double() - b.detach().double()).abs().max().item())
+    return err
+
+
+def time_median_ms(fn: Callable[[], Any], device: str, min_run_time: float = 0.5) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    import torch.utils.benchmark as tb
+
+    fn()  # warm-up (compilation, caches)
+    m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
+    return m.median * 1e3
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences the profiler's C++ start/stop log lines (written to fd 2)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: str) -> int:
+    """Peak bytes allocated during one call of fn, beyond what was live before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with warnings.catch_warnings(), _quiet_stderr():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    # Allocations made inside an op are charged to it: place each event's own
+    # allocations at its start and its own frees at its end (an upper bound).
+    points = []
+    for e in prof.events():
+        own = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if own > 0:
+            points.append((e.time_range.start, own))
+        elif own < 0:
+            points.append((e.time_range.end, own))
+    points.sort(key=lambda p: (p[0], -p[1]))
+    cur = peak = 0
+    for _, d in points:
+        cur += d
+        peak = max(peak, cur)
+    return int(peak)
+
+
+def environment(device: str) -> Dict[str, str]:
+    env = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine()),
+        "cpu_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = "not installed"
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       timeout=10, cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = "unknown"
+    if device == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        env["device"] = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+    return env
+
+
+def run_cases(cases: List[Case], device: str, quick: bool, progress: bool = True) -> List[Dict[str, Any]]:
+    """Times every variant of every case; returns one row per (case, variant)."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    total = sum(len(c.variants) for c in cases)
+    bar = tqdm(total=total, desc="bench", disable=not progress, leave=False)
+    for case in cases:
+        ref_out = case.reference64(case.state)
+        eager_ms = None
+        for v in case.variants:
+            bar.set_postfix_str(f"{case.op} {v.name}")
+            row = {"op": case.op, **{f"size.{k}": val for k, val in case.size.items()}, "variant": v.name,
+                   "kind": v.kind}
+            try:
+                out = v.fn(case.state)
+                row["max_abs_err"] = max_error(out, ref_out)
+                del out
+                ms = time_median_ms(lambda: v.fn(case.state), device, 0.2 if quick else 1.0)
+                row["median_ms"] = ms
+                if case.bytes_moved:
+                    row["GB/s"] = case.bytes_moved / (ms * 1e-3) / 1e9
+                if case.flops:
+                    row["TFLOP/s"] = case.flops / (ms * 1e-3) / 1e12
+                row["peak_MiB"] = peak_memory_bytes(lambda: v.fn(case.state), device) / 2 ** 20
+                if v.name == "eager":
+                    eager_ms = ms
+                row["speedup_vs_eager"] = (eager_ms / ms) if eager_ms else None
+            except Exception as exc:  # a peer that cannot run this case is reported, not hidden
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+            rows.append(row)
+            bar.update(1)
+    bar.close()
+    return rows
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 100:
+            return f"{v:.1f}"
+        if abs(v) >= 0.01:
+            return f"{v:.3f}"
+        return f"{v:.2e}"
+    return str(v)
+
+
+def markdown_table(rows: List[Dict[str, Any]]) -> str:
+    cols = []
+    for r in rows:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def write_results(name: str, device: str, rows: List[Dict[str, Any]], out_dir: str, note: str = "") -> str:
+    """Writes ``<name>_<device>.json`` and ``.md`` under out_dir; returns the markdown."""
+    os.makedirs(out_dir, exist_ok=True)
+    env = environment(device)
+    with open(os.path.join(out_dir, f"{name}_{device}.json"), "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=1, default=str)
+    header = " · ".join(f"{k}: {v}" for k, v in env.items())
+    md = f"# {name} on {device}\n\n{header}\n\n{note}\n\n{markdown_table(rows)}\n"
+    with open(os.path.join(out_dir, f"{name}_{device}.md"), "w") as f:
+        f.write(md)
+    return md
