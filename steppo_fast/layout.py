@@ -36,6 +36,17 @@ def _check_int(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must have an integer dtype (int32/int64), got {t.dtype}")
 
 
+def _check_rows(name: str, t: Optional[torch.Tensor], B: int, device, against: str) -> None:
+    """A per-row (B,) integer tensor on the right device, or None."""
+    if t is None:
+        return
+    _check_int(name, t)
+    if tuple(t.shape) != (B,):
+        raise ValueError(f"{name} must have shape (B,) = ({B},) to match {against}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but {against} is on {device}")
+
+
 def _first_true(flags: torch.Tensor) -> int:
     """Index of the first True of a 1-D bool tensor (validation only: syncs)."""
     return int(torch.nonzero(flags)[0, 0])
@@ -162,20 +173,11 @@ class StepLayout:
         B, T = response_mask.shape
         if B == 0:
             raise ValueError("empty batch: response_mask has 0 rows")
+        device = response_mask.device
         _check_int("trajectory_id", trajectory_id)
         _check_int("step_index", step_index)
-        device = response_mask.device
-        for name, t in (("trajectory_id", trajectory_id), ("step_index", step_index)):
-            if t.shape != (B,):
-                raise ValueError(f"{name} must have shape (B,) = ({B},) to match response_mask, got {tuple(t.shape)}")
-            if t.device != device:
-                raise ValueError(f"{name} is on {t.device} but response_mask is on {device}")
-        if group_id is not None:
-            _check_int("group_id", group_id)
-            if group_id.shape != (B,):
-                raise ValueError(f"group_id must have shape (B,) = ({B},) to match response_mask, got {tuple(group_id.shape)}")
-            if group_id.device != device:
-                raise ValueError(f"group_id is on {group_id.device} but response_mask is on {device}")
+        for name, t in (("trajectory_id", trajectory_id), ("step_index", step_index), ("group_id", group_id)):
+            _check_rows(name, t, B, device, "response_mask")
         traj = trajectory_id.to(torch.int64)
         k = step_index.to(torch.int64)
         if validate:
@@ -264,18 +266,8 @@ class StepLayout:
             raise ValueError("empty batch: step_ids has 0 rows")
         device = step_ids.device
         sid = step_ids.to(torch.int64)
-        if group_id is not None:
-            _check_int("group_id", group_id)
-            if group_id.shape != (B,):
-                raise ValueError(f"group_id must have shape (B,) = ({B},) to match step_ids, got {tuple(group_id.shape)}")
-            if group_id.device != device:
-                raise ValueError(f"group_id is on {group_id.device} but step_ids is on {device}")
-        if num_steps is not None:
-            _check_int("num_steps", num_steps)
-            if num_steps.shape != (B,):
-                raise ValueError(f"num_steps must have shape (B,) = ({B},), got {tuple(num_steps.shape)}")
-            if num_steps.device != device:
-                raise ValueError(f"num_steps is on {num_steps.device} but step_ids is on {device}")
+        _check_rows("group_id", group_id, B, device, "step_ids")
+        _check_rows("num_steps", num_steps, B, device, "step_ids")
         row_max = sid.max(dim=1).values.clamp(min=-1) if T > 0 else torch.full((B,), -1, device=device)
         K = row_max + 1 if num_steps is None else num_steps.to(torch.int64)
         if validate:

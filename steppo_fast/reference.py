@@ -382,6 +382,20 @@ def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
     return torch.where(m, x, torch.zeros_like(x)).sum() / m.sum().clamp(min=1).to(x.dtype)
 
 
+def _log_ratios(logp, old_logp, advantages, token_step, num_steps, ratio_level):
+    """Shared prologue of the loss and its gradient: upcast inputs, the agent-token mask,
+    the masked log-ratio d_t and, at step level, l_s broadcast to the step's tokens."""
+    dt = acc_dtype(logp, old_logp, advantages)
+    lp, old, adv = logp.to(dt), old_logp.to(dt), advantages.to(dt)
+    m = token_step >= 0
+    diff = torch.where(m, lp - old, torch.zeros((), dtype=dt, device=lp.device))
+    l_tok = None
+    if ratio_level == "step":
+        n_s = _index_sum(m.to(dt), token_step, num_steps)
+        l_tok = broadcast_to_tokens(_index_sum(diff, token_step, num_steps) / n_s.clamp(min=1), token_step)
+    return dt, lp, adv, m, diff, l_tok
+
+
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, token_step: Tensor, num_steps: int,
                 ratio_level: str = "step", clip_low: float = 0.2, clip_high: float = 0.2,
                 dual_clip: Optional[float] = None, agg_mode: str = "seq-mean-token-mean",
@@ -397,17 +411,11 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, token_step: 
     """
     if ratio_level not in RATIO_LEVELS:
         raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
-    dt = acc_dtype(logp, old_logp, advantages)
-    lp, old, adv = logp.to(dt), old_logp.to(dt), advantages.to(dt)
-    m = token_step >= 0
+    dt, lp, adv, m, diff, l_tok = _log_ratios(logp, old_logp, advantages, token_step, num_steps, ratio_level)
     zero = torch.zeros((), dtype=dt, device=lp.device)
-    diff = torch.where(m, lp - old, zero)
     if ratio_level == "token":
         ratio = torch.exp(torch.clamp(diff, -20.0, 20.0))
     else:
-        n_s = _index_sum(m.to(dt), token_step, num_steps)
-        l_s = _index_sum(diff, token_step, num_steps) / n_s.clamp(min=1)
-        l_tok = broadcast_to_tokens(l_s, token_step)
         ratio = torch.exp(torch.clamp(lp - lp.detach() + l_tok.detach(), max=10.0))
     pg1 = -adv * ratio
     pg2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -497,17 +505,12 @@ def policy_loss_grads(logp: Tensor, old_logp: Tensor, advantages: Tensor, token_
     passes it where L < -A c (half on a tie, as torch.minimum); drho/dlogp = rho where
     the log-ratio is inside its clamp (token: [-20, 20]; step: l_s <= 10), else 0.
     """
-    dt = acc_dtype(logp, old_logp, advantages)
-    lp, old, adv = logp.to(dt), old_logp.to(dt), advantages.to(dt)
-    m = token_step >= 0
+    dt, lp, adv, m, diff, l_tok = _log_ratios(logp, old_logp, advantages, token_step, num_steps, ratio_level)
     zero = torch.zeros((), dtype=dt, device=lp.device)
-    diff = torch.where(m, lp - old, zero)
     if ratio_level == "token":
         ratio = torch.exp(torch.clamp(diff, -20.0, 20.0))
         dratio = ratio * ((diff >= -20.0) & (diff <= 20.0)).to(dt)
     else:
-        n_s = _index_sum(m.to(dt), token_step, num_steps)
-        l_tok = broadcast_to_tokens(_index_sum(diff, token_step, num_steps) / n_s.clamp(min=1), token_step)
         ratio = torch.exp(torch.clamp(l_tok, max=10.0))
         dratio = ratio * (l_tok <= 10.0).to(dt)
     pg1 = -adv * ratio
