@@ -190,3 +190,28 @@ def test_import_is_lean():
 
 def test_package_version():
     assert steppo_fast.__version__
+
+
+def test_missing_compiled_module_warns_once_and_falls_back(monkeypatch):
+    import importlib
+
+    real_import = importlib.import_module
+
+    def fake_import(name, *a, **k):
+        if name == "steppo_fast._C":
+            raise ImportError("simulated: not built")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(_native, "_modules", {})
+    monkeypatch.setattr(_native, "_errors", {})
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+    ops._warned.clear()
+    lay, rew = _layout(1, 4)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            got = ops.step_rewards(rew, lay.token_step, lay.step_tokens, lay.step_token_offsets)
+    assert_close(got, ref.step_rewards(rew.double(), lay.token_step, lay.num_steps))
+    msgs = [str(w.message) for w in rec]
+    assert sum("steppo_fast._C could not be imported" in m for m in msgs) == 1
+    assert sum("step_rewards: no cpp kernel" in m for m in msgs) == 1
