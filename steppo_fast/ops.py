@@ -498,27 +498,11 @@ def _(values, group, subkey, norm, singleton, eps, backend):
 
 @register_backend("group_advantage", "reference")
 def _group_advantage_ref(values, group, subkey, norm, singleton, eps):
-    x = values.to(_acc(values))
-    if x.numel() == 0:
-        return x.clone()
-    if subkey is None:
-        _, gid = torch.unique(group.long(), return_inverse=True)
-    else:
-        _, gid = torch.unique(torch.stack([group.long(), subkey.long()], 1), dim=0, return_inverse=True)
-    n, mean, std = ref._group_stats(x, gid)
-    single = n < 2
-    if norm == "mean_std":
-        out = (x - mean) / (std + eps)
-        single_out = x / (1.0 + eps)
-    elif norm == "mean":
-        out = x - mean
-        single_out = x
-    else:  # rloo
-        out = n * (x - mean) / (n - 1).clamp(min=1)
-        single_out = x
-    if singleton == "zero":
-        single_out = torch.zeros_like(x)
-    return torch.where(single, single_out, out)
+    if values.numel() == 0:
+        return values.to(_acc(values)).clone()
+    keys = group.long() if subkey is None else torch.stack([group.long(), subkey.long()], 1)
+    _, gid = torch.unique(keys, dim=0, return_inverse=True)
+    return ref.group_normalize(values, gid, norm, singleton, eps)
 
 
 def group_advantage(values: Tensor, group: Tensor, subkey: Optional[Tensor] = None, norm: str = "mean_std",

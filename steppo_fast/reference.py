@@ -263,22 +263,39 @@ def _group_stats(x: Tensor, group: Tensor):
     return cnt[group], mean[group], std[group]
 
 
+def group_normalize(x: Tensor, group: Tensor, norm: str = "mean_std", singleton: str = "unit",
+                    eps: float = GROUP_EPS) -> Tensor:
+    """Normalises x within groups of equal ``group`` id (SPEC 6).
+
+    norm: "mean_std" (x - mean) / (std + eps), unbiased std; "mean" x - mean;
+    "rloo" (n x - sum) / (n - 1). A group of one is read as mean 0, std 1
+    (``singleton="unit"``: GRPO, RLOO) or gives 0 (``"zero"``: GiGPO step groups).
+    """
+    x = x.to(acc_dtype(x))
+    if x.numel() == 0:
+        return x.clone()
+    n, mean, std = _group_stats(x, group)
+    if norm == "mean_std":
+        out, single_out = (x - mean) / (std + eps), x / (1.0 + eps)
+    elif norm == "mean":
+        out, single_out = x - mean, x
+    elif norm == "rloo":
+        out, single_out = n * (x - mean) / (n - 1).clamp(min=1), x
+    else:
+        raise ValueError(f"norm must be one of ('mean_std', 'mean', 'rloo'), got {norm!r}")
+    if singleton == "zero":
+        single_out = torch.zeros_like(x)
+    return torch.where(n < 2, single_out, out)
+
+
 def grpo(scores: Tensor, traj_group: Tensor, norm_by_std: bool = True, eps: float = GROUP_EPS) -> Tensor:
     """GRPO per trajectory: (G - mean) / (std + eps), or G - mean (Dr. GRPO); groups of one: mean 0, std 1."""
-    x = scores.to(acc_dtype(scores))
-    n, mean, std = _group_stats(x, traj_group)
-    single = n < 2
-    mean = torch.where(single, torch.zeros_like(mean), mean)
-    std = torch.where(single, torch.ones_like(std), std)
-    return (x - mean) / (std + eps) if norm_by_std else x - mean
+    return group_normalize(scores, traj_group, "mean_std" if norm_by_std else "mean", "unit", eps)
 
 
 def rloo(scores: Tensor, traj_group: Tensor) -> Tensor:
     """RLOO per trajectory: (n G - sum_group G) / (n - 1); groups of one: G."""
-    x = scores.to(acc_dtype(scores))
-    n, mean, _ = _group_stats(x, traj_group)
-    loo = (n * x - n * mean) / (n - 1).clamp(min=1)
-    return torch.where(n > 1, loo, x)
+    return group_normalize(scores, traj_group, "rloo", "unit")
 
 
 def reinforce_pp_baseline(scores: Tensor, traj_group: Tensor, step_traj: Tensor, token_step: Tensor) -> Tensor:
@@ -326,9 +343,7 @@ def gigpo(step_rewards: Tensor, step_traj: Tensor, traj_step_offsets: Tensor, tr
         return d
     pairs = torch.stack([traj_group[step_traj], anchor_keys.to(torch.int64)], dim=1)
     _, step_group = torch.unique(pairs, dim=0, return_inverse=True)
-    n, mean, std = _group_stats(d, step_group)
-    a_s = (d - mean) / (std + eps) if use_std else d - mean
-    a_s = torch.where(n > 1, a_s, torch.zeros_like(a_s))
+    a_s = group_normalize(d, step_group, "mean_std" if use_std else "mean", "zero", eps)
     return a_e[step_traj] + step_weight * a_s
 
 
