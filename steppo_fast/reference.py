@@ -88,7 +88,8 @@ def token_logprob_stats(logits: Tensor, labels: Tensor, mask: Optional[Tensor] =
     lse = torch.logsumexp(u, dim=-1)
     logp = u.gather(-1, y[:, None]).squeeze(-1) - lse
     p = torch.softmax(u, dim=-1)
-    ent = lse - (p * u).sum(-1)
+    # p u is 0 where p is 0 (a -inf logit, as in a padded vocabulary), not 0 * -inf.
+    ent = lse - torch.where(p > 0, p * u, torch.zeros_like(p)).sum(-1)
     zero = torch.zeros((), dtype=dt, device=u.device)
     return torch.where(m, logp, zero), torch.where(m, ent, zero), torch.where(m, lse, zero)
 
@@ -118,8 +119,8 @@ def token_logprobs_backward(logits: Tensor, labels: Tensor, mask: Optional[Tenso
         onehot = torch.zeros_like(u).scatter_(1, y[:, None], 1.0)
         grad = grad + grad_logp.to(dt)[:, None] * (onehot - p)
     if grad_entropy is not None:
-        ent = -(p * logp_all).sum(-1)
         # p log p is 0 where p underflows to 0 (log p = -inf): keep it finite.
+        ent = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
         term = torch.where(p > 0, p * (logp_all + ent[:, None]), torch.zeros_like(p))
         grad = grad - grad_entropy.to(dt)[:, None] * term
     grad = grad / temperature

@@ -59,6 +59,18 @@ def test_token_logprobs_backward_hand_and_autograd():
     assert_close(ref.token_logprobs_backward(z.detach(), y, m, gl, gh, 0.7), gz)
 
 
+def test_token_logprobs_minus_inf_logits_hand():
+    # A padded vocabulary: -inf entries have p = 0 and add 0 (not 0 * -inf) to the entropy.
+    # Live entries (0, log 3): p = (1/4, 3/4), H = log 4 - (3/4) log 3.
+    z = torch.tensor([[0.0, math.log(3.0), -math.inf, -math.inf]], dtype=D)
+    logp, ent = ref.token_logprobs(z, torch.tensor([1]))
+    assert_close(logp, t(math.log(0.75)))
+    assert_close(ent, t(math.log(4.0) - 0.75 * math.log(3.0)))
+    g = ref.token_logprobs_backward(z, torch.tensor([1]), None, t(1.0), t(1.0))
+    live = ref.token_logprobs_backward(z[:, :2], torch.tensor([1]), None, t(1.0), t(1.0))
+    assert_close(g, torch.cat([live, torch.zeros(1, 2, dtype=D)], dim=1))
+
+
 def test_linear_token_logprobs_hand_and_grads():
     h = torch.tensor([[1.0, 0.0]], dtype=D)
     w = torch.tensor([[0.0, 9.0], [math.log(3.0), 9.0]], dtype=D)
