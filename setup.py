@@ -80,7 +80,9 @@ class BuildExt(build_ext):
 
 def extensions():
     openmp = os.environ.get("STEPPO_FAST_OPENMP", "1") != "0"
-    flags = ["-O3", "-std=c++17"] + (["-fopenmp"] if openmp else [])
+    # No FP traps or errno are relied on: this lets the compiler if-convert and vectorise the
+    # select-heavy loops of the kernels (csrc/logprob.cpp). Still IEEE: no -ffast-math.
+    flags = ["-O3", "-std=c++17", "-fno-trapping-math", "-fno-math-errno"] + (["-fopenmp"] if openmp else [])
     exts = [
         Pybind11Extension(
             "steppo_fast._C",

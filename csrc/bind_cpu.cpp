@@ -7,6 +7,7 @@
 #include <omp.h>
 #endif
 
+#include "logprob.h"
 #include "step_rewards.h"
 
 namespace py = pybind11;
@@ -26,4 +27,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("step_tokens"), py::arg("step_token_offsets"), py::arg("num_steps"), py::arg("out"),
         py::arg("out_dtype"), py::call_guard<py::gil_scoped_release>(),
         "Per-step sum of token rewards over a CSR token list (SPEC section 3).");
+  m.def("token_logprobs_cpu", &steppo::token_logprobs_cpu, py::arg("logits"), py::arg("logits_dtype"), py::arg("n"),
+        py::arg("vocab"), py::arg("rows_per_batch"), py::arg("stride_b"), py::arg("stride_t"), py::arg("labels"),
+        py::arg("labels_dtype"), py::arg("mask"), py::arg("temperature"), py::arg("with_entropy"), py::arg("logp"),
+        py::arg("entropy"), py::arg("lse"), py::call_guard<py::gil_scoped_release>(),
+        "Per-row log-prob of the label, entropy and log-sum-exp in one pass over each masked-in row (SPEC 2).");
+  m.def("token_logprobs_backward_cpu", &steppo::token_logprobs_backward_cpu, py::arg("logits"),
+        py::arg("logits_dtype"), py::arg("n"), py::arg("vocab"), py::arg("rows_per_batch"), py::arg("stride_b"),
+        py::arg("stride_t"), py::arg("labels"), py::arg("labels_dtype"), py::arg("mask"), py::arg("logp"),
+        py::arg("entropy"), py::arg("lse"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("temperature"),
+        py::arg("with_entropy"), py::arg("grad"), py::arg("grad_stride_b"), py::arg("grad_stride_t"),
+        py::call_guard<py::gil_scoped_release>(),
+        "dL/dlogits in the logits dtype in one pass over each row, optionally into the logits buffer (SPEC 2).");
 }

@@ -66,19 +66,29 @@ def _check_temperature(temperature: float) -> float:
 
 
 def token_logprobs(logits: Tensor, labels: Tensor, mask_or_layout: MaskOrLayout = None, temperature: float = 1.0,
-                   with_entropy: bool = True, validate: bool = True,
+                   with_entropy: bool = True, inplace_backward: bool = False, validate: bool = True,
                    backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """Log-prob of each label and the entropy of each token's distribution (SPEC 2).
 
+    One pass over each masked-in row forward (online log-sum-exp), one fused pass backward;
+    masked-out rows are skipped. On CUDA this runs the Triton kernels of
+    ``steppo_fast.kernels.logprob``, on CPU the C++ kernels of ``steppo_fast._C``.
+
     Args:
-        logits: (B, T, V) or (N, V), float32/bfloat16/float16 (float64 for the oracle).
+        logits: (B, T, V) or (N, V), float32/bfloat16/float16 (float64 for the oracle). Rows may
+            be strided (``logits[:, :-1]`` is read in place); the vocabulary should be contiguous.
         labels: (B, T) or (N,), int32/int64; ignored on masked-out tokens (-100 is fine).
         mask_or_layout: bool mask of labels' shape, a StepLayout (its agent tokens), or None (all).
         temperature: tau > 0; logits are divided by it.
-        validate: check masked-in labels lie in [0, V) (one host sync).
+        with_entropy: compute the entropy (else it is returned as zeros and gets no gradient).
+        inplace_backward: write dL/dlogits into the logits buffer instead of a new N x V tensor.
+            Only when nothing else needs the logits after this call (autograd raises if another
+            op saved them).
+        validate: check masked-in labels lie in [0, V) (one host sync). Without it, a bad label
+            gives NaN in its row; nothing outside the row is read.
     Returns:
-        (logp, entropy) shaped like labels, float32, 0 on masked-out tokens.
-        Differentiable in logits.
+        (logp, entropy) shaped like labels, float32 (float64 for float64 logits), 0 on
+        masked-out tokens. Differentiable in logits.
     """
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError("logits must be a float tensor")
@@ -88,8 +98,9 @@ def token_logprobs(logits: Tensor, labels: Tensor, mask_or_layout: MaskOrLayout 
     lead, vocab = tuple(logits.shape[:-1]), logits.shape[-1]
     mask = _mask_for(mask_or_layout, lead, logits.device)
     y = _check_labels(labels, lead, logits.device, vocab, mask, validate)
-    z = logits.reshape(-1, vocab)
-    logp, ent = ops.token_logprobs(z, y, mask, tau, with_entropy, backend)
+    if not y.is_contiguous():
+        y = y.contiguous()
+    logp, ent = ops.token_logprobs(logits, y, mask, tau, with_entropy, inplace_backward, backend)
     return logp.reshape(lead), ent.reshape(lead)
 
 

@@ -39,8 +39,9 @@ def _opcheck_samples():
     ts = lay.token_step
     b = "reference"
     return {
-        "token_logprobs": (logits, labels, mask, 0.9, True, b),
-        "token_logprobs_backward": (logits.detach(), labels, mask, lse, torch.randn(N), torch.randn(N), 0.9, b),
+        "token_logprobs": (logits, labels, mask, 0.9, True, False, b),
+        "token_logprobs_backward": (logits.detach(), labels, mask, lp.detach(), ent.detach(), lse, torch.randn(N),
+                                    torch.randn(N), 0.9, True, b),
         "linear_token_logprobs": (hidden, weight, bias, labels, mask, 1.1, b),
         "linear_token_logprobs_backward": (hidden.detach(), weight.detach(), None, labels, mask, torch.randn(N),
                                            torch.randn(N), 1.0, b),
