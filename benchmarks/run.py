@@ -40,7 +40,9 @@ def main(op: Optional[str], device: str, quick: bool, out_dir: Optional[str] = N
     for n in names:
         rows = run_cases(BENCHES[n].cases(device, quick), device, quick, progress)
         note = (f"{tag} grid. median_ms: median time of one call; GB/s: the op's minimum traffic over that time; "
-                "peak_MiB: peak memory allocated during one call; max_abs_err: against the fp64 reference.")
+                "peak_MiB: peak memory allocated during one call; extra_MiB: peak beyond the outputs a variant must "
+                "return (a gradient); max_abs_err: against the fp64 reference; kind 'ceiling': a bandwidth "
+                "yardstick (a device copy), not an implementation.")
         write_results(f"{n}_{tag}", device, rows, out_dir, note)
         print(f"\n## {n} ({device}, {tag})\n")
         print(markdown_table(rows))
