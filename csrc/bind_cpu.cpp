@@ -7,6 +7,7 @@
 #include <omp.h>
 #endif
 
+#include "credit.h"
 #include "logprob.h"
 #include "step_rewards.h"
 
@@ -27,6 +28,28 @@ PYBIND11_MODULE(_C, m) {
         py::arg("step_tokens"), py::arg("step_token_offsets"), py::arg("num_steps"), py::arg("out"),
         py::arg("out_dtype"), py::call_guard<py::gil_scoped_release>(),
         "Per-step sum of token rewards over a CSR token list (SPEC section 3).");
+  m.def("broadcast_to_tokens_cpu", &steppo::broadcast_to_tokens_cpu, py::arg("step_values"),
+        py::arg("values_dtype"), py::arg("token_step"), py::arg("n"), py::arg("out"), py::arg("out_dtype"),
+        py::call_guard<py::gil_scoped_release>(), "out[t] = step_values[token_step[t]], 0 off-step (SPEC 4).");
+  m.def("step_gae_cpu", &steppo::step_gae_cpu, py::arg("rewards"), py::arg("rewards_dtype"), py::arg("values"),
+        py::arg("values_dtype"), py::arg("traj_step_offsets"), py::arg("num_trajectories"), py::arg("gamma"),
+        py::arg("lam"), py::arg("adv"), py::arg("ret"), py::arg("out_dtype"), py::call_guard<py::gil_scoped_release>(),
+        "Step-level GAE per trajectory (SPEC 4).");
+  m.def("token_gae_cpu", &steppo::token_gae_cpu, py::arg("rewards"), py::arg("rewards_dtype"), py::arg("values"),
+        py::arg("values_dtype"), py::arg("n_tokens"), py::arg("step_tokens"), py::arg("step_token_offsets"),
+        py::arg("traj_step_offsets"), py::arg("num_trajectories"), py::arg("gamma"), py::arg("lam"), py::arg("adv"),
+        py::arg("ret"), py::arg("out_dtype"), py::call_guard<py::gil_scoped_release>(),
+        "Token-level GAE across the steps of each trajectory (SPEC 5).");
+  m.def("whiten_moments_cpu", &steppo::whiten_moments_cpu, py::arg("x"), py::arg("x_dtype"), py::arg("mask"),
+        py::arg("n"), py::arg("out"), py::call_guard<py::gil_scoped_release>(),
+        "(count, sum, sum of squares) in float64, in a fixed order (SPEC 4, 5).");
+  m.def("whiten_apply_cpu", &steppo::whiten_apply_cpu, py::arg("x"), py::arg("x_dtype"), py::arg("mask"),
+        py::arg("n"), py::arg("moments"), py::arg("mode"), py::arg("eps"), py::arg("out"), py::arg("out_dtype"),
+        py::call_guard<py::gil_scoped_release>(), "Whitening with given moments (SPEC 4, 5).");
+  m.def("group_advantage_cpu", &steppo::group_advantage_cpu, py::arg("values"), py::arg("values_dtype"),
+        py::arg("group"), py::arg("subkey"), py::arg("n"), py::arg("norm"), py::arg("singleton"), py::arg("eps"),
+        py::arg("out"), py::arg("out_dtype"), py::call_guard<py::gil_scoped_release>(),
+        "Normalisation within groups of equal (group, subkey): GRPO, RLOO, GiGPO (SPEC 6).");
   m.def("token_logprobs_cpu", &steppo::token_logprobs_cpu, py::arg("logits"), py::arg("logits_dtype"), py::arg("n"),
         py::arg("vocab"), py::arg("rows_per_batch"), py::arg("stride_b"), py::arg("stride_t"), py::arg("labels"),
         py::arg("labels_dtype"), py::arg("mask"), py::arg("temperature"), py::arg("with_entropy"), py::arg("logp"),

@@ -461,6 +461,30 @@ def _(step_values, token_step, backend):
 register_backend("broadcast_to_tokens", "reference")(ref.broadcast_to_tokens)
 
 
+def _cpu_float(name: str, t: Tensor) -> Tensor:
+    """A contiguous float tensor the C++ kernels read, with its dtype checked."""
+    t = t.contiguous()
+    _native.dtype_code(name, t)
+    return t
+
+
+def _cpu_index(name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.to(dtype).contiguous()
+
+
+@register_backend("broadcast_to_tokens", "cpp")
+def _broadcast_to_tokens_cpp(step_values, token_step):
+    mod = _native.cpu_module()
+    v = _cpu_float("step_values", step_values)
+    ts = _cpu_index("token_step", token_step, torch.int32)
+    out = torch.empty(ts.shape, dtype=v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32)
+    if step_values.numel() == 0:
+        return out.zero_().to(step_values.dtype)
+    mod.broadcast_to_tokens_cpu(v.data_ptr(), _native.dtype_code("step_values", v), ts.data_ptr(), ts.numel(),
+                                out.data_ptr(), _native.dtype_code("out", out))
+    return out.to(step_values.dtype)  # same dtype as the values (a copy is exact)
+
+
 def broadcast_to_tokens(step_values: Tensor, token_step: Tensor, backend: str = "auto") -> Tensor:
     """(N,) tensor: step_values[token_step[t]] on agent tokens, 0 elsewhere (SPEC 4)."""
     return _broadcast_to_tokens(step_values, token_step, backend)
@@ -479,6 +503,19 @@ def _(step_rewards, step_values, traj_step_offsets, gamma, lam, backend):
 
 
 register_backend("step_gae", "reference")(ref.step_gae)
+
+
+@register_backend("step_gae", "cpp")
+def _step_gae_cpp(step_rewards, step_values, traj_step_offsets, gamma, lam):
+    mod = _native.cpu_module()
+    r, v = _cpu_float("step_rewards", step_rewards), _cpu_float("step_values", step_values)
+    off = _cpu_index("traj_step_offsets", traj_step_offsets, torch.int64)
+    dt = _acc(step_rewards, step_values)
+    adv, ret = torch.empty(r.shape, dtype=dt), torch.empty(r.shape, dtype=dt)
+    mod.step_gae_cpu(r.data_ptr(), _native.dtype_code("step_rewards", r), v.data_ptr(),
+                     _native.dtype_code("step_values", v), off.data_ptr(), off.numel() - 1, float(gamma), float(lam),
+                     adv.data_ptr(), ret.data_ptr(), _native.dtype_code("adv", adv))
+    return adv, ret
 
 
 def step_gae(step_rewards: Tensor, step_values: Tensor, traj_step_offsets: Tensor, gamma: float = 1.0,
@@ -502,6 +539,22 @@ def _(token_rewards, token_values, step_tokens, step_token_offsets, traj_step_of
 
 
 register_backend("token_gae", "reference")(ref.token_gae)
+
+
+@register_backend("token_gae", "cpp")
+def _token_gae_cpp(token_rewards, token_values, step_tokens, step_token_offsets, traj_step_offsets, gamma, lam):
+    mod = _native.cpu_module()
+    r, v = _cpu_float("token_rewards", token_rewards), _cpu_float("token_values", token_values)
+    tok = _cpu_index("step_tokens", step_tokens, torch.int64)
+    soff = _cpu_index("step_token_offsets", step_token_offsets, torch.int64)
+    toff = _cpu_index("traj_step_offsets", traj_step_offsets, torch.int64)
+    dt = _acc(token_rewards, token_values)
+    adv, ret = torch.empty(r.shape, dtype=dt), torch.empty(r.shape, dtype=dt)
+    mod.token_gae_cpu(r.data_ptr(), _native.dtype_code("token_rewards", r), v.data_ptr(),
+                      _native.dtype_code("token_values", v), r.numel(), tok.data_ptr(), soff.data_ptr(),
+                      toff.data_ptr(), toff.numel() - 1, float(gamma), float(lam), adv.data_ptr(), ret.data_ptr(),
+                      _native.dtype_code("adv", adv))
+    return adv, ret
 
 
 def token_gae(token_rewards: Tensor, token_values: Tensor, step_tokens: Tensor, step_token_offsets: Tensor,
@@ -539,6 +592,17 @@ def _whiten_moments_ref(x, mask):
     return torch.stack([cnt, xd.sum(), (xd * xd).sum()])
 
 
+@register_backend("whiten_moments", "cpp")
+def _whiten_moments_cpp(x, mask):
+    mod = _native.cpu_module()
+    xc = _cpu_float("x", x)
+    m = mask.bool().contiguous() if mask is not None else None
+    out = torch.empty(3, dtype=torch.float64)
+    mod.whiten_moments_cpu(xc.data_ptr(), _native.dtype_code("x", xc), m.data_ptr() if m is not None else 0,
+                           xc.numel(), out.data_ptr())
+    return out
+
+
 @torch.library.custom_op("steppo_fast::whiten_apply", mutates_args=())
 def _whiten_apply(x: Tensor, mask: Optional[Tensor], moments: Tensor, mode: str, backend: str) -> Tensor:
     if mode not in WHITEN_MODES:
@@ -567,6 +631,20 @@ def _whiten_apply_ref(x, mask, moments, mode):
     if mask is not None:
         out = torch.where(mask.bool(), out, torch.zeros_like(out))
     return out.to(dt)
+
+
+@register_backend("whiten_apply", "cpp")
+def _whiten_apply_cpp(x, mask, moments, mode):
+    mod = _native.cpu_module()
+    xc = _cpu_float("x", x)
+    m = mask.bool().contiguous() if mask is not None else None
+    mo = moments.to(torch.float64).contiguous()
+    out = torch.empty(xc.shape, dtype=_acc(x))
+    eps = ref.WHITEN_STEP_EPS if mode == "step" else ref.WHITEN_TOKEN_EPS
+    mod.whiten_apply_cpu(xc.data_ptr(), _native.dtype_code("x", xc), m.data_ptr() if m is not None else 0,
+                         xc.numel(), mo.data_ptr(), 0 if mode == "step" else 1, eps, out.data_ptr(),
+                         _native.dtype_code("out", out))
+    return out
 
 
 def whiten(x: Tensor, mask: Optional[Tensor] = None, mode: str = "step", process_group=None,
@@ -621,6 +699,19 @@ def _group_advantage_ref(values, group, subkey, norm, singleton, eps):
     keys = group.long() if subkey is None else torch.stack([group.long(), subkey.long()], 1)
     _, gid = torch.unique(keys, dim=0, return_inverse=True)
     return ref.group_normalize(values, gid, norm, singleton, eps)
+
+
+@register_backend("group_advantage", "cpp")
+def _group_advantage_cpp(values, group, subkey, norm, singleton, eps):
+    mod = _native.cpu_module()
+    v = _cpu_float("values", values)
+    g = _cpu_index("group", group, torch.int64)
+    k = _cpu_index("subkey", subkey, torch.int64) if subkey is not None else None
+    out = torch.empty(v.shape, dtype=_acc(values))
+    mod.group_advantage_cpu(v.data_ptr(), _native.dtype_code("values", v), g.data_ptr(),
+                            k.data_ptr() if k is not None else 0, v.numel(), GROUP_NORMS.index(norm),
+                            SINGLETONS.index(singleton), float(eps), out.data_ptr(), _native.dtype_code("out", out))
+    return out
 
 
 def group_advantage(values: Tensor, group: Tensor, subkey: Optional[Tensor] = None, norm: str = "mean_std",

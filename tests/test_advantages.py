@@ -1,12 +1,15 @@
 """advantages.compute against the fp64 reference composed by hand, on random layouts."""
 
+import functools
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from episodes import make_episodes, packed, step_rows
-from steppo_fast import StepLayout, advantages
+from steppo_fast import StepLayout, advantages, ops
 from steppo_fast import reference as ref
 from steppo_fast.testing import assert_close
 
@@ -25,46 +28,51 @@ def _batch(seed, n_traj, layout_kind):
     return lay, rew, vals
 
 
+BACKENDS = ["reference", "cpp"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), n_traj=st.integers(1, 10), kind=st.sampled_from(["rows", "packed"]),
+@given(seed=st.integers(0, 10_000), n_traj=st.integers(1, 20), kind=st.sampled_from(["rows", "packed"]),
        gamma=st.sampled_from([1.0, 0.99, 0.0]), lam=st.sampled_from([1.0, 0.95, 0.0]))
-def test_estimators_match_reference(seed, n_traj, kind, gamma, lam):
+def test_estimators_match_reference(backend, seed, n_traj, kind, gamma, lam):
     lay, rew, vals = _batch(seed, n_traj, kind)
+    compute = functools.partial(advantages.compute, backend=backend)
     flat_r, flat_v = rew.reshape(-1), vals.reshape(-1)
     r_s = ref.step_rewards(flat_r, lay.token_step, lay.num_steps)
     v_s = lay.step_values_from_tokens(vals)
     ts = lay.token_step
 
-    out = advantages.compute("step_gae", lay, token_rewards=rew, values=vals, gamma=gamma, lam=lam)
+    out = compute("step_gae", lay, token_rewards=rew, values=vals, gamma=gamma, lam=lam)
     a, r = ref.step_gae(r_s, v_s, lay.traj_step_offsets, gamma, lam)
     assert_close(out.step_advantages, ref.whiten_steps(a))
     assert_close(out.token_advantages.reshape(-1), ref.broadcast_to_tokens(ref.whiten_steps(a), ts))
     assert_close(out.token_returns.reshape(-1), ref.broadcast_to_tokens(r, ts))
 
-    out = advantages.compute("token_gae", lay, token_rewards=rew, values=vals, gamma=gamma, lam=lam)
+    out = compute("token_gae", lay, token_rewards=rew, values=vals, gamma=gamma, lam=lam)
     a, r = ref.token_gae(flat_r, flat_v, lay.step_tokens, lay.step_token_offsets, lay.traj_step_offsets, gamma, lam)
     assert_close(out.token_advantages.reshape(-1), ref.whiten_tokens(a, lay.token_mask), dtype=torch.float32)
     assert_close(out.token_returns.reshape(-1), r)
 
     scores = ref.trajectory_scores(r_s, lay.step_traj, lay.num_trajectories)
     for est, exp in (("grpo", ref.grpo(scores, lay.traj_group)), ("rloo", ref.rloo(scores, lay.traj_group))):
-        out = advantages.compute(est, lay, token_rewards=rew)
+        out = compute(est, lay, token_rewards=rew)
         assert_close(out.step_advantages, exp[lay.step_traj])
         assert_close(out.token_advantages.reshape(-1), ref.broadcast_to_tokens(exp[lay.step_traj], ts))
 
     # Token whitening divides by sqrt(var + 1e-8): when all tokens are equal (one trajectory) it
     # amplifies fp64 rounding of the mean up to 1e4 times, so whitened outputs use the fp32 entry.
-    out = advantages.compute("reinforce_pp_baseline", lay, token_rewards=rew)
+    out = compute("reinforce_pp_baseline", lay, token_rewards=rew)
     assert_close(out.token_advantages.reshape(-1),
                  ref.reinforce_pp_baseline(scores, lay.traj_group, lay.step_traj, ts), dtype=torch.float32)
-    out = advantages.compute("reinforce_pp", lay, token_rewards=rew, gamma=gamma)
+    out = compute("reinforce_pp", lay, token_rewards=rew, gamma=gamma)
     assert_close(out.token_advantages.reshape(-1),
                  ref.reinforce_pp(flat_r, lay.step_tokens, lay.step_token_offsets, lay.traj_step_offsets, ts, gamma),
                  dtype=torch.float32)
 
     keys = torch.randint(0, 3, (lay.num_steps,), generator=torch.Generator().manual_seed(seed))
     for mode in ref.GIGPO_MODES:
-        out = advantages.compute("gigpo", lay, token_rewards=rew, anchor_keys=keys, gamma=gamma, step_weight=0.5,
+        out = compute("gigpo", lay, token_rewards=rew, anchor_keys=keys, gamma=gamma, step_weight=0.5,
                                  gigpo_mode=mode)
         exp = ref.gigpo(r_s, lay.step_traj, lay.traj_step_offsets, lay.traj_group, keys, gamma, 0.5, mode)
         assert_close(out.step_advantages, exp)
@@ -94,3 +102,102 @@ def test_compute_errors():
         advantages.compute("grpo", lay, token_rewards=rew.long())
     with pytest.raises(ValueError, match="gigpo needs anchor_keys"):
         advantages.compute("gigpo", lay, token_rewards=rew)
+
+
+# ------------------------------------------------------------------ hand-computed cases, every backend
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_gae_hand(backend):
+    # One trajectory of 3 steps: r = (0, 0, 1), V = (0.5, 0.25, 0.75), gamma = 0.5, lam = 0.5.
+    # delta = (0 + 0.125 - 0.5, 0 + 0.375 - 0.25, 1 - 0.75) = (-0.375, 0.125, 0.25)
+    # A_2 = 0.25; A_1 = 0.125 + 0.25 * 0.25 = 0.1875; A_0 = -0.375 + 0.25 * 0.1875 = -0.328125
+    r = torch.tensor([0.0, 0.0, 1.0], dtype=D)
+    v = torch.tensor([0.5, 0.25, 0.75], dtype=D)
+    off = torch.tensor([0, 3])
+    a, ret = ops.step_gae(r, v, off, 0.5, 0.5, backend=backend)
+    assert_close(a, torch.tensor([-0.328125, 0.1875, 0.25], dtype=D))
+    assert_close(ret, a + v)
+    # gamma = 0: A_k = r_k - V_k. lam = 0: A_k = delta_k (one-step TD).
+    a, _ = ops.step_gae(r, v, off, 0.0, 0.5, backend=backend)
+    assert_close(a, r - v)
+    a, _ = ops.step_gae(r, v, off, 0.5, 0.0, backend=backend)
+    assert_close(a, torch.tensor([-0.375, 0.125, 0.25], dtype=D))
+    # One step: A = r - V whatever gamma and lambda.
+    a, _ = ops.step_gae(r[:1] + 2, v[:1], torch.tensor([0, 1]), 0.9, 0.9, backend=backend)
+    assert_close(a, torch.tensor([1.5], dtype=D))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_gae_crosses_steps_hand(backend):
+    # Tokens 0, 1 (step 0) and 3 (step 1) of one trajectory; token 2 is not an agent token.
+    # r = (0, 0, x, 1), V = 0, gamma = 0.5, lam = 1: A = (0.25, 0.5, 0, 1).
+    r = torch.tensor([0.0, 0.0, 7.0, 1.0], dtype=D)
+    a, ret = ops.token_gae(r, torch.zeros(4, dtype=D), torch.tensor([0, 1, 3]), torch.tensor([0, 2, 3]),
+                           torch.tensor([0, 2]), 0.5, 1.0, backend=backend)
+    assert_close(a, torch.tensor([0.25, 0.5, 0.0, 1.0], dtype=D))
+    assert_close(ret, a)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_estimators_hand(backend):
+    # Group 0: scores (1, 2, 3): mean 2, unbiased std 1. Group 1: one trajectory (score 5).
+    scores = torch.tensor([1.0, 2.0, 3.0, 5.0], dtype=D)
+    grp = torch.tensor([0, 0, 0, 1])
+    eps = 1e-6
+    assert_close(ops.group_advantage(scores, grp, backend=backend),
+                 torch.tensor([-1 / (1 + eps), 0.0, 1 / (1 + eps), 5 / (1 + eps)], dtype=D))
+    # RLOO: (n G - sum) / (n - 1) = (3 - 6, 6 - 6, 9 - 6) / 2; a group of one keeps G.
+    assert_close(ops.group_advantage(scores, grp, norm="rloo", backend=backend),
+                 torch.tensor([-1.5, 0.0, 1.5, 5.0], dtype=D))
+    # All scores equal: std 0, every advantage 0 (no division by zero).
+    same = ops.group_advantage(torch.full((4,), 3.0, dtype=D), torch.zeros(4, dtype=torch.long), backend=backend)
+    assert_close(same, torch.zeros(4, dtype=D))
+    # Step groups (GiGPO): same group and anchor key; a step group of one gives 0.
+    keys = torch.tensor([7, 7, 9, 7])
+    got = ops.group_advantage(scores, grp, keys, norm="mean", singleton="zero", backend=backend)
+    assert_close(got, torch.tensor([-0.5, 0.5, 0.0, 0.0], dtype=D))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_whitening_hand(backend):
+    x = torch.tensor([1.0, 2.0, 3.0, 10.0], dtype=D)
+    mask = torch.tensor([True, True, True, False])
+    # Masked tokens (1, 2, 3): mean 2, unbiased var 1.
+    got = ops.whiten(x, mask, "token", backend=backend)
+    assert_close(got, torch.tensor([-1.0, 0.0, 1.0, 0.0], dtype=D) / math.sqrt(1 + 1e-8))
+    # Steps (1, 2, 3, 10): mean 4, squared deviations 9 + 4 + 1 + 36 = 50, unbiased std sqrt(50 / 3).
+    got = ops.whiten(x, None, "step", backend=backend)
+    assert_close(got, (x - 4) / (math.sqrt(50.0 / 3.0) + 1e-8))
+    # One element: std taken as 0.
+    assert_close(ops.whiten(x[:1], None, "step", backend=backend), torch.zeros(1, dtype=D))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_reward_stays_in_its_trajectory(backend):
+    """A NaN reward makes its trajectory's step_gae advantages NaN (the steps up to it; unwhitened)
+    and, for group estimators, its group's; other trajectories and groups are unaffected."""
+    lay, rew, vals = _batch(5, 9, "rows")
+    r_s = advantages.step_rewards(lay, rew).clone()
+    j = 4  # a trajectory with at least one step
+    last = int(lay.traj_step_offsets[j + 1]) - 1
+    r_s[last] = float("nan")
+    out = advantages.compute("step_gae", lay, step_rewards=r_s, values=vals, whiten=False, backend=backend)
+    bad = lay.step_traj == j
+    assert torch.isnan(out.step_advantages[bad]).all()
+    assert torch.isfinite(out.step_advantages[~bad]).all()
+    out = advantages.compute("grpo", lay, step_rewards=r_s, backend=backend)
+    in_group = lay.traj_group[lay.step_traj] == lay.traj_group[j]
+    assert torch.isnan(out.step_advantages[in_group]).all()
+    assert torch.isfinite(out.step_advantages[~in_group]).all()
+
+
+def test_cpp_whiten_moments_do_not_depend_on_threads():
+    x = torch.randn(100_003, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(torch.ops.steppo_fast.whiten_moments(x, None, "cpp"))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])

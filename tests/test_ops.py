@@ -69,6 +69,15 @@ def test_opcheck(name):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("name", sorted(n for n in _opcheck_samples() if "cpp" in ops._IMPLS[n]))
+def test_opcheck_cpp(name):
+    args = list(_opcheck_samples()[name])
+    assert args[-1] == "reference"
+    args[-1] = "cpp"
+    op = getattr(torch.ops.steppo_fast, name).default
+    torch.library.opcheck(op, tuple(args))
+
+
 def test_cpp_step_rewards_matches_reference_fp64():
     lay, rew = _layout(3, 20)
     for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
@@ -103,8 +112,8 @@ def test_missing_backend_falls_back_with_one_warning():
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         for _ in range(3):
-            assert ops.resolve_backend("step_gae", torch.device("cpu"), "cpp") == "reference"
-    msgs = [str(w.message) for w in rec if "step_gae" in str(w.message)]
+            assert ops.resolve_backend("value_loss", torch.device("cpu"), "cpp") == "reference"
+    msgs = [str(w.message) for w in rec if "value_loss" in str(w.message)]
     assert len(msgs) == 1 and "using the PyTorch reference" in msgs[0]
 
 
