@@ -11,7 +11,7 @@ from typing import List
 
 import torch
 
-from steppo_fast import StepLayout, ops
+from steppo_fast import StepLayout, advantages, ops
 from steppo_fast import reference as ref
 
 from .harness import Case, Variant
@@ -76,4 +76,52 @@ def cases(device: str, quick: bool) -> List[Case]:
         out.append(Case("step_gae", size, st2,
                         lambda s: ref.step_gae(s["r"].double(), s["v"].double(), s["lay"].traj_step_offsets, 0.99,
                                                0.95), bytes_moved=gae_bytes, variants=vs))
+        out += _outcome_cases(S, tok, device)
+    return out
+
+
+def _verl(name):
+    def fn(s):
+        import numpy as np
+        from verl.trainer.ppo import core_algos
+
+        f = getattr(core_algos, name)
+        adv, _ = f(s["rew2d"], s["mask2d"].float(), np.asarray(s["uid"]))
+        return adv
+    return fn
+
+
+def _outcome_cases(num_rows: int, tok: tuple, device: str) -> List[Case]:
+    """GRPO and RLOO on one-step-per-row batches (verl's layout), token broadcast included.
+
+    Peers: the reference, verl's loop implementations and its vectorised GRPO (CPU, pip verl).
+    Traffic: read the (B, T) rewards and mask, write the (B, T) advantages.
+    """
+    g = torch.Generator().manual_seed(1)
+    T = tok[1]
+    n_tok = torch.randint(tok[0], T + 1, (num_rows,), generator=g)
+    mask2d = torch.arange(T)[None, :] < n_tok[:, None]
+    rew2d = torch.zeros(num_rows, T)
+    rew2d[torch.arange(num_rows), n_tok - 1] = torch.randn(num_rows, generator=g)  # outcome reward on the last token
+    grp = torch.arange(num_rows) // 8
+    lay = StepLayout.from_step_rows(mask2d.to(device), torch.arange(num_rows, device=device),
+                                    torch.zeros(num_rows, dtype=torch.long, device=device), grp.to(device))
+    st = {"lay": lay, "rew2d": rew2d.to(device), "mask2d": mask2d.to(device), "uid": [str(int(i)) for i in grp]}
+    size = {"steps": num_rows, "tokens": int(mask2d.sum())}
+    moved = num_rows * T * (4 + 1 + 4)
+    out = []
+    for est, peers in (("grpo", ["compute_grpo_outcome_advantage", "compute_grpo_vectorized_outcome_advantage"]),
+                       ("rloo", ["compute_rloo_outcome_advantage"])):
+        def ours(s, est=est, backend="auto"):
+            return advantages.compute(est, s["lay"], token_rewards=s["rew2d"], backend=backend).token_advantages
+
+        def oracle(s, est=est):
+            return advantages.compute(est, s["lay"], token_rewards=s["rew2d"].double(),
+                                      backend="reference").token_advantages
+
+        vs = [Variant("eager", lambda s, f=ours: f(s, backend="reference"), "peer")]
+        vs += [Variant(f"verl {p.replace('compute_', '').replace('_outcome_advantage', '')}", _verl(p), "peer")
+               for p in peers]
+        vs.append(Variant(f"steppo_fast[{ops.resolve_backend('group_advantage', torch.device(device))}]", ours))
+        out.append(Case(f"{est} (+ broadcast)", size, st, oracle, bytes_moved=moved, variants=vs))
     return out
