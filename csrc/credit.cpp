@@ -35,6 +35,24 @@ void check_in(const char* name, int code) {
   if (code != kFloat32 && code != kFloat64 && code != kBFloat16 && code != kFloat16) bad_dtype(name, code);
 }
 
+// The GAE recurrence, backwards over positions begin..end-1 of one trajectory; element idx(i) holds
+// position i's reward and value. delta = r + gamma V_next - V (V past the end = 0);
+// A = delta + gamma lam A_next; R = A + V.
+template <typename Index>
+void gae_sweep(int64_t begin, int64_t end, Index idx, const void* r, int r_dtype, const void* v, int v_dtype,
+               double gamma, double lam, void* adv, void* ret, int out_dtype) {
+  double next_v = 0.0, next_a = 0.0;
+  for (int64_t i = end - 1; i >= begin; --i) {
+    const int64_t e = idx(i);
+    const double ve = load(v, v_dtype, e);
+    const double ae = load(r, r_dtype, e) + gamma * next_v - ve + gamma * lam * next_a;
+    store(adv, out_dtype, e, ae);
+    store(ret, out_dtype, e, ae + ve);
+    next_v = ve;
+    next_a = ae;
+  }
+}
+
 // Elements per block of the whitening sums: the sum of each block is formed in order, then the
 // block sums in order, whatever the number of threads.
 constexpr int64_t kBlock = 4096;
@@ -63,20 +81,10 @@ void step_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int va
   const int64_t* off = reinterpret_cast<const int64_t*>(traj_step_offsets);
   void* a = reinterpret_cast<void*>(adv);
   void* R = reinterpret_cast<void*>(ret);
-  const double gl = gamma * lam;
 #pragma omp parallel for schedule(dynamic, 64)
-  for (int64_t j = 0; j < num_trajectories; ++j) {
-    double next_v = 0.0, next_a = 0.0;
-    for (int64_t s = off[j + 1] - 1; s >= off[j]; --s) {
-      const double vs = load(v, values_dtype, s);
-      const double delta = load(r, rewards_dtype, s) + gamma * next_v - vs;
-      const double as = delta + gl * next_a;
-      store(a, out_dtype, s, as);
-      store(R, out_dtype, s, as + vs);
-      next_v = vs;
-      next_a = as;
-    }
-  }
+  for (int64_t j = 0; j < num_trajectories; ++j)
+    gae_sweep(off[j], off[j + 1], [](int64_t i) { return i; }, r, rewards_dtype, v, values_dtype, gamma, lam, a, R,
+              out_dtype);
 }
 
 void token_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int values_dtype, int64_t n_tokens,
@@ -92,7 +100,6 @@ void token_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int v
   const int64_t* toff = reinterpret_cast<const int64_t*>(traj_step_offsets);
   void* a = reinterpret_cast<void*>(adv);
   void* R = reinterpret_cast<void*>(ret);
-  const double gl = gamma * lam;
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
@@ -105,16 +112,8 @@ void token_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int v
     for (int64_t j = 0; j < num_trajectories; ++j) {
       // The trajectory's agent tokens in time order are one contiguous range of step_tokens.
       const int64_t begin = soff[toff[j]], end = soff[toff[j + 1]];
-      double next_v = 0.0, next_a = 0.0;
-      for (int64_t i = end - 1; i >= begin; --i) {
-        const int64_t t = tok[i];
-        const double vt = load(v, values_dtype, t);
-        const double at = load(r, rewards_dtype, t) + gamma * next_v - vt + gl * next_a;
-        store(a, out_dtype, t, at);
-        store(R, out_dtype, t, at + vt);
-        next_v = vt;
-        next_a = at;
-      }
+      gae_sweep(begin, end, [tok](int64_t i) { return tok[i]; }, r, rewards_dtype, v, values_dtype, gamma, lam, a,
+                R, out_dtype);
     }
   }
 }
