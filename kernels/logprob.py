@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from steppo_fast.ops import row_geometry  # (n_rows, vocab, rows_per_batch, stride_b, stride_t)
+
 # Chunk of the vocabulary one program holds in registers: 4096 fp32 over 8 warps is 16
 # values per thread, enough in flight to stream from HBM without spilling.
 MAX_BLOCK_V = 4096
@@ -162,15 +164,6 @@ def _token_logprobs_bwd_kernel(
 
 
 # ------------------------------------------------------------------ launchers
-def _geometry(logits: torch.Tensor):
-    """(n_rows, vocab, rows_per_batch, stride_b, stride_t) of (N, V) or (B, T, V) logits."""
-    if logits.dim() == 2:
-        n, v = logits.shape
-        return n, v, max(n, 1), 0, logits.stride(0)
-    b, t, v = logits.shape
-    return b * t, v, max(t, 1), logits.stride(0), logits.stride(1)
-
-
 def _config(vocab: int):
     block = min(MAX_BLOCK_V, triton.next_power_of_2(max(vocab, 1)))
     warps = 8 if block >= 2048 else 4
@@ -187,7 +180,7 @@ def token_logprobs_fwd(logits, labels, mask, temperature: float, with_entropy: b
     logits: (N, V) or (B, T, V) float32/bfloat16/float16/float64 with a contiguous last dim;
     labels: (N,) int32/int64 contiguous; mask: (N,) bool contiguous.
     """
-    n, vocab, rpb, sb, st = _geometry(logits)
+    n, vocab, rpb, sb, st = row_geometry(logits)
     acc_tl, acc_torch = _acc(logits)
     logp = torch.empty(n, dtype=acc_torch, device=logits.device)
     ent = torch.empty_like(logp)
@@ -207,8 +200,8 @@ def token_logprobs_fwd(logits, labels, mask, temperature: float, with_entropy: b
 def token_logprobs_bwd(logits, labels, mask, logp, ent, lse, grad_logp, grad_entropy, temperature: float,
                        with_entropy: bool, out):
     """Writes dL/dlogits into ``out`` (logits' shape and dtype; may be ``logits`` itself) and returns it."""
-    n, vocab, rpb, sb, st = _geometry(logits)
-    _, _, _, gsb, gst = _geometry(out)
+    n, vocab, rpb, sb, st = row_geometry(logits)
+    _, _, _, gsb, gst = row_geometry(out)
     if n == 0:
         return out
     acc_tl, _ = _acc(logits)

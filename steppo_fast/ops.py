@@ -138,7 +138,14 @@ def _unit_vocab_stride(logits: Tensor) -> Tensor:
     return logits if logits.stride(-1) == 1 or logits.shape[-1] == 1 else logits.contiguous()
 
 
-def _row_geometry(logits: Tensor):
+def _unit_vocab_stride_out(out: Tensor) -> Tensor:
+    """Where the kernels write a gradient bound for ``out``: ``out`` itself, or a contiguous buffer
+    (copied back by the caller) when its vocabulary is strided (an in-place backward on such logits)."""
+    return out if out.stride(-1) == 1 or out.shape[-1] == 1 else torch.empty(out.shape, dtype=out.dtype,
+                                                                              device=out.device)
+
+
+def row_geometry(logits: Tensor):
     """(n_rows, vocab, rows_per_batch, stride_b, stride_t) in elements."""
     if logits.dim() == 2:
         n, v = logits.shape
@@ -170,7 +177,7 @@ def _token_logprobs_ref(logits, labels, mask, temperature, with_entropy):
 def _token_logprobs_cpp(logits, labels, mask, temperature, with_entropy):
     mod = _native.cpu_module()
     z = _unit_vocab_stride(logits)
-    n, vocab, rpb, sb, st = _row_geometry(z)
+    n, vocab, rpb, sb, st = row_geometry(z)
     dt = _acc(z)
     logp, ent, lse = (torch.empty(n, dtype=dt) for _ in range(3))
     if n:
@@ -195,9 +202,9 @@ def _token_logprobs_triton(logits, labels, mask, temperature, with_entropy):
 def _token_logprobs_backward(logits: Tensor, labels: Tensor, mask: Tensor, logp: Tensor, entropy: Tensor,
                              lse: Tensor, grad_logp: Tensor, grad_entropy: Tensor, temperature: float,
                              with_entropy: bool, backend: str) -> Tensor:
-    impl = _IMPLS["token_logprobs_backward"][resolve_backend("token_logprobs_backward", logits.device, backend)]
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    impl(logits, labels, mask, logp, entropy, lse, grad_logp, grad_entropy, temperature, with_entropy, out)
+    _run("token_logprobs_backward", logits.device, backend, logits, labels, mask, logp, entropy, lse, grad_logp,
+         grad_entropy, temperature, with_entropy, out)
     return out
 
 
@@ -210,8 +217,8 @@ def _(logits, labels, mask, logp, entropy, lse, grad_logp, grad_entropy, tempera
 def _token_logprobs_backward_(logits: Tensor, labels: Tensor, mask: Tensor, logp: Tensor, entropy: Tensor,
                               lse: Tensor, grad_logp: Tensor, grad_entropy: Tensor, temperature: float,
                               with_entropy: bool, backend: str) -> None:
-    impl = _IMPLS["token_logprobs_backward"][resolve_backend("token_logprobs_backward", logits.device, backend)]
-    impl(logits, labels, mask, logp, entropy, lse, grad_logp, grad_entropy, temperature, with_entropy, logits)
+    _run("token_logprobs_backward", logits.device, backend, logits, labels, mask, logp, entropy, lse, grad_logp,
+         grad_entropy, temperature, with_entropy, logits)
 
 
 @_token_logprobs_backward_.register_fake
@@ -234,10 +241,9 @@ def _token_logprobs_backward_cpp(logits, labels, mask, logp, entropy, lse, grad_
                                  with_entropy, out):
     mod = _native.cpu_module()
     z = _unit_vocab_stride(logits)
-    # The kernel writes rows with a contiguous vocabulary; anything else goes through a buffer.
-    dst = out if out.stride(-1) == 1 or out.shape[-1] == 1 else torch.empty_like(z, memory_format=torch.contiguous_format)
-    n, vocab, rpb, sb, st = _row_geometry(z)
-    _, _, _, gsb, gst = _row_geometry(dst)
+    dst = _unit_vocab_stride_out(out)
+    n, vocab, rpb, sb, st = row_geometry(z)
+    _, _, _, gsb, gst = row_geometry(dst)
     if n:
         dt = _acc(z)
         y, m = labels.contiguous(), mask.contiguous()
@@ -260,7 +266,7 @@ def _token_logprobs_backward_triton(logits, labels, mask, logp, entropy, lse, gr
     from .kernels import logprob as k
 
     z = _unit_vocab_stride(logits)
-    dst = out if out.stride(-1) == 1 or out.shape[-1] == 1 else torch.empty_like(z, memory_format=torch.contiguous_format)
+    dst = _unit_vocab_stride_out(out)
     dt = _acc(z)
     k.token_logprobs_bwd(z, labels.contiguous(), mask.contiguous(), logp.contiguous(), entropy.contiguous(),
                          lse.contiguous(), grad_logp.to(dt).contiguous(), grad_entropy.to(dt).contiguous(),
@@ -468,7 +474,7 @@ def _cpu_float(name: str, t: Tensor) -> Tensor:
     return t
 
 
-def _cpu_index(name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+def _cpu_index(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype).contiguous()
 
 
@@ -476,10 +482,9 @@ def _cpu_index(name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
 def _broadcast_to_tokens_cpp(step_values, token_step):
     mod = _native.cpu_module()
     v = _cpu_float("step_values", step_values)
-    ts = _cpu_index("token_step", token_step, torch.int32)
+    ts = _cpu_index(token_step, torch.int32)
     out = torch.empty(ts.shape, dtype=v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32)
-    if step_values.numel() == 0:
-        return out.zero_().to(step_values.dtype)
+    # With no steps every token_step is -1: the kernel writes zeros and reads no value.
     mod.broadcast_to_tokens_cpu(v.data_ptr(), _native.dtype_code("step_values", v), ts.data_ptr(), ts.numel(),
                                 out.data_ptr(), _native.dtype_code("out", out))
     return out.to(step_values.dtype)  # same dtype as the values (a copy is exact)
@@ -509,7 +514,7 @@ register_backend("step_gae", "reference")(ref.step_gae)
 def _step_gae_cpp(step_rewards, step_values, traj_step_offsets, gamma, lam):
     mod = _native.cpu_module()
     r, v = _cpu_float("step_rewards", step_rewards), _cpu_float("step_values", step_values)
-    off = _cpu_index("traj_step_offsets", traj_step_offsets, torch.int64)
+    off = _cpu_index(traj_step_offsets, torch.int64)
     dt = _acc(step_rewards, step_values)
     adv, ret = torch.empty(r.shape, dtype=dt), torch.empty(r.shape, dtype=dt)
     mod.step_gae_cpu(r.data_ptr(), _native.dtype_code("step_rewards", r), v.data_ptr(),
@@ -545,9 +550,9 @@ register_backend("token_gae", "reference")(ref.token_gae)
 def _token_gae_cpp(token_rewards, token_values, step_tokens, step_token_offsets, traj_step_offsets, gamma, lam):
     mod = _native.cpu_module()
     r, v = _cpu_float("token_rewards", token_rewards), _cpu_float("token_values", token_values)
-    tok = _cpu_index("step_tokens", step_tokens, torch.int64)
-    soff = _cpu_index("step_token_offsets", step_token_offsets, torch.int64)
-    toff = _cpu_index("traj_step_offsets", traj_step_offsets, torch.int64)
+    tok = _cpu_index(step_tokens, torch.int64)
+    soff = _cpu_index(step_token_offsets, torch.int64)
+    toff = _cpu_index(traj_step_offsets, torch.int64)
     dt = _acc(token_rewards, token_values)
     adv, ret = torch.empty(r.shape, dtype=dt), torch.empty(r.shape, dtype=dt)
     mod.token_gae_cpu(r.data_ptr(), _native.dtype_code("token_rewards", r), v.data_ptr(),
@@ -705,8 +710,8 @@ def _group_advantage_ref(values, group, subkey, norm, singleton, eps):
 def _group_advantage_cpp(values, group, subkey, norm, singleton, eps):
     mod = _native.cpu_module()
     v = _cpu_float("values", values)
-    g = _cpu_index("group", group, torch.int64)
-    k = _cpu_index("subkey", subkey, torch.int64) if subkey is not None else None
+    g = _cpu_index(group, torch.int64)
+    k = _cpu_index(subkey, torch.int64) if subkey is not None else None
     out = torch.empty(v.shape, dtype=_acc(values))
     mod.group_advantage_cpu(v.data_ptr(), _native.dtype_code("values", v), g.data_ptr(),
                             k.data_ptr() if k is not None else 0, v.numel(), GROUP_NORMS.index(norm),
