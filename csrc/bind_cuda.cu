@@ -3,6 +3,7 @@
 // usable device first and raises RuntimeError when there is none.
 #include <pybind11/pybind11.h>
 
+#include "credit_cuda.h"
 #include "cuda_check.cuh"
 #include "step_rewards_cuda.h"
 
@@ -31,4 +32,31 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("step_tokens"), py::arg("step_token_offsets"), py::arg("num_steps"), py::arg("out"),
         py::arg("out_dtype"), py::arg("stream"), py::arg("device"), py::call_guard<py::gil_scoped_release>(),
         "Per-step sum of token rewards over a CSR token list (SPEC section 3).");
+
+  using py::arg;
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("broadcast_to_tokens_cuda", &steppo::broadcast_to_tokens_cuda, arg("step_values"), arg("values_dtype"),
+        arg("token_step"), arg("n"), arg("out"), arg("out_dtype"), arg("stream"), arg("device"), nogil,
+        "out[t] = step_values[token_step[t]] (0 where token_step is -1).");
+  m.def("step_gae_cuda", &steppo::step_gae_cuda, arg("rewards"), arg("rewards_dtype"), arg("values"),
+        arg("values_dtype"), arg("traj_step_offsets"), arg("num_trajectories"), arg("gamma"), arg("lam"), arg("adv"),
+        arg("ret"), arg("out_dtype"), arg("stream"), arg("device"), nogil, "Step-level GAE, one warp per trajectory.");
+  m.def("token_gae_cuda", &steppo::token_gae_cuda, arg("rewards"), arg("rewards_dtype"), arg("values"),
+        arg("values_dtype"), arg("n_tokens"), arg("step_tokens"), arg("step_token_offsets"),
+        arg("traj_step_offsets"), arg("num_trajectories"), arg("gamma"), arg("lam"), arg("adv"), arg("ret"),
+        arg("out_dtype"), arg("stream"), arg("device"), nogil, "Token-level GAE across steps, one warp per trajectory.");
+  m.def("whiten_moments_cuda_workspace", &steppo::whiten_moments_cuda_workspace, arg("n"),
+        "Doubles of device workspace whiten_moments_cuda needs.");
+  m.def("whiten_moments_cuda", &steppo::whiten_moments_cuda, arg("x"), arg("x_dtype"), arg("mask"), arg("n"),
+        arg("workspace"), arg("out"), arg("stream"), arg("device"), nogil,
+        "(count, sum, sum of squares) in float64, in a fixed order.");
+  m.def("whiten_apply_cuda", &steppo::whiten_apply_cuda, arg("x"), arg("x_dtype"), arg("mask"), arg("n"),
+        arg("moments"), arg("mode"), arg("eps"), arg("out"), arg("out_dtype"), arg("stream"), arg("device"), nogil,
+        "Whitening with device-resident moments.");
+  m.def("group_advantage_cuda_workspace", &steppo::group_advantage_cuda_workspace, arg("n"), arg("device"),
+        "Bytes of device workspace group_advantage_cuda needs.");
+  m.def("group_advantage_cuda", &steppo::group_advantage_cuda, arg("values"), arg("values_dtype"), arg("group"),
+        arg("subkey"), arg("n"), arg("norm"), arg("singleton"), arg("eps"), arg("workspace"), arg("workspace_bytes"),
+        arg("out"), arg("out_dtype"), arg("stream"), arg("device"), nogil,
+        "Group normalisation over groups of equal (group, subkey).");
 }

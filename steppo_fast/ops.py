@@ -467,27 +467,44 @@ def _(step_values, token_step, backend):
 register_backend("broadcast_to_tokens", "reference")(ref.broadcast_to_tokens)
 
 
-def _cpu_float(name: str, t: Tensor) -> Tensor:
+def _native_float(name: str, t: Tensor) -> Tensor:
     """A contiguous float tensor the C++ kernels read, with its dtype checked."""
     t = t.contiguous()
     _native.dtype_code(name, t)
     return t
 
 
-def _cpu_index(t: Tensor, dtype: torch.dtype) -> Tensor:
+def _native_index(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype).contiguous()
+
+
+def _on_device(t: Tensor):
+    """(stream, device index) arguments of a _C_cuda call for tensors on t's device."""
+    return _native.cuda_stream(t), t.device.index or 0
 
 
 @register_backend("broadcast_to_tokens", "cpp")
 def _broadcast_to_tokens_cpp(step_values, token_step):
     mod = _native.cpu_module()
-    v = _cpu_float("step_values", step_values)
-    ts = _cpu_index(token_step, torch.int32)
+    v = _native_float("step_values", step_values)
+    ts = _native_index(token_step, torch.int32)
     out = torch.empty(ts.shape, dtype=v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32)
     # With no steps every token_step is -1: the kernel writes zeros and reads no value.
     mod.broadcast_to_tokens_cpu(v.data_ptr(), _native.dtype_code("step_values", v), ts.data_ptr(), ts.numel(),
                                 out.data_ptr(), _native.dtype_code("out", out))
     return out.to(step_values.dtype)  # same dtype as the values (a copy is exact)
+
+
+@register_backend("broadcast_to_tokens", "cuda")
+def _broadcast_to_tokens_cuda(step_values, token_step):
+    mod = _native.cuda_module()
+    v = _native_float("step_values", step_values)
+    ts = _native_index(token_step, torch.int32)
+    out = torch.empty(ts.shape, dtype=v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32,
+                      device=v.device)
+    mod.broadcast_to_tokens_cuda(v.data_ptr(), _native.dtype_code("step_values", v), ts.data_ptr(), ts.numel(),
+                                 out.data_ptr(), _native.dtype_code("out", out), *_on_device(v))
+    return out.to(step_values.dtype)
 
 
 def broadcast_to_tokens(step_values: Tensor, token_step: Tensor, backend: str = "auto") -> Tensor:
@@ -513,13 +530,26 @@ register_backend("step_gae", "reference")(ref.step_gae)
 @register_backend("step_gae", "cpp")
 def _step_gae_cpp(step_rewards, step_values, traj_step_offsets, gamma, lam):
     mod = _native.cpu_module()
-    r, v = _cpu_float("step_rewards", step_rewards), _cpu_float("step_values", step_values)
-    off = _cpu_index(traj_step_offsets, torch.int64)
+    r, v = _native_float("step_rewards", step_rewards), _native_float("step_values", step_values)
+    off = _native_index(traj_step_offsets, torch.int64)
     dt = _acc(step_rewards, step_values)
     adv, ret = torch.empty(r.shape, dtype=dt), torch.empty(r.shape, dtype=dt)
     mod.step_gae_cpu(r.data_ptr(), _native.dtype_code("step_rewards", r), v.data_ptr(),
                      _native.dtype_code("step_values", v), off.data_ptr(), off.numel() - 1, float(gamma), float(lam),
                      adv.data_ptr(), ret.data_ptr(), _native.dtype_code("adv", adv))
+    return adv, ret
+
+
+@register_backend("step_gae", "cuda")
+def _step_gae_cuda(step_rewards, step_values, traj_step_offsets, gamma, lam):
+    mod = _native.cuda_module()
+    r, v = _native_float("step_rewards", step_rewards), _native_float("step_values", step_values)
+    off = _native_index(traj_step_offsets, torch.int64)
+    dt = _acc(step_rewards, step_values)
+    adv, ret = torch.empty(r.shape, dtype=dt, device=r.device), torch.empty(r.shape, dtype=dt, device=r.device)
+    mod.step_gae_cuda(r.data_ptr(), _native.dtype_code("step_rewards", r), v.data_ptr(),
+                      _native.dtype_code("step_values", v), off.data_ptr(), off.numel() - 1, float(gamma), float(lam),
+                      adv.data_ptr(), ret.data_ptr(), _native.dtype_code("adv", adv), *_on_device(r))
     return adv, ret
 
 
@@ -549,16 +579,32 @@ register_backend("token_gae", "reference")(ref.token_gae)
 @register_backend("token_gae", "cpp")
 def _token_gae_cpp(token_rewards, token_values, step_tokens, step_token_offsets, traj_step_offsets, gamma, lam):
     mod = _native.cpu_module()
-    r, v = _cpu_float("token_rewards", token_rewards), _cpu_float("token_values", token_values)
-    tok = _cpu_index(step_tokens, torch.int64)
-    soff = _cpu_index(step_token_offsets, torch.int64)
-    toff = _cpu_index(traj_step_offsets, torch.int64)
+    r, v = _native_float("token_rewards", token_rewards), _native_float("token_values", token_values)
+    tok = _native_index(step_tokens, torch.int64)
+    soff = _native_index(step_token_offsets, torch.int64)
+    toff = _native_index(traj_step_offsets, torch.int64)
     dt = _acc(token_rewards, token_values)
     adv, ret = torch.empty(r.shape, dtype=dt), torch.empty(r.shape, dtype=dt)
     mod.token_gae_cpu(r.data_ptr(), _native.dtype_code("token_rewards", r), v.data_ptr(),
                       _native.dtype_code("token_values", v), r.numel(), tok.data_ptr(), soff.data_ptr(),
                       toff.data_ptr(), toff.numel() - 1, float(gamma), float(lam), adv.data_ptr(), ret.data_ptr(),
                       _native.dtype_code("adv", adv))
+    return adv, ret
+
+
+@register_backend("token_gae", "cuda")
+def _token_gae_cuda(token_rewards, token_values, step_tokens, step_token_offsets, traj_step_offsets, gamma, lam):
+    mod = _native.cuda_module()
+    r, v = _native_float("token_rewards", token_rewards), _native_float("token_values", token_values)
+    tok = _native_index(step_tokens, torch.int64)
+    soff = _native_index(step_token_offsets, torch.int64)
+    toff = _native_index(traj_step_offsets, torch.int64)
+    dt = _acc(token_rewards, token_values)
+    adv, ret = torch.empty(r.shape, dtype=dt, device=r.device), torch.empty(r.shape, dtype=dt, device=r.device)
+    mod.token_gae_cuda(r.data_ptr(), _native.dtype_code("token_rewards", r), v.data_ptr(),
+                       _native.dtype_code("token_values", v), r.numel(), tok.data_ptr(), soff.data_ptr(),
+                       toff.data_ptr(), toff.numel() - 1, float(gamma), float(lam), adv.data_ptr(), ret.data_ptr(),
+                       _native.dtype_code("adv", adv), *_on_device(r))
     return adv, ret
 
 
@@ -600,11 +646,23 @@ def _whiten_moments_ref(x, mask):
 @register_backend("whiten_moments", "cpp")
 def _whiten_moments_cpp(x, mask):
     mod = _native.cpu_module()
-    xc = _cpu_float("x", x)
+    xc = _native_float("x", x)
     m = mask.bool().contiguous() if mask is not None else None
     out = torch.empty(3, dtype=torch.float64)
     mod.whiten_moments_cpu(xc.data_ptr(), _native.dtype_code("x", xc), m.data_ptr() if m is not None else 0,
                            xc.numel(), out.data_ptr())
+    return out
+
+
+@register_backend("whiten_moments", "cuda")
+def _whiten_moments_cuda(x, mask):
+    mod = _native.cuda_module()
+    xc = _native_float("x", x)
+    m = mask.bool().contiguous() if mask is not None else None
+    work = torch.empty(mod.whiten_moments_cuda_workspace(xc.numel()), dtype=torch.float64, device=x.device)
+    out = torch.empty(3, dtype=torch.float64, device=x.device)
+    mod.whiten_moments_cuda(xc.data_ptr(), _native.dtype_code("x", xc), m.data_ptr() if m is not None else 0,
+                            xc.numel(), work.data_ptr(), out.data_ptr(), *_on_device(xc))
     return out
 
 
@@ -641,7 +699,7 @@ def _whiten_apply_ref(x, mask, moments, mode):
 @register_backend("whiten_apply", "cpp")
 def _whiten_apply_cpp(x, mask, moments, mode):
     mod = _native.cpu_module()
-    xc = _cpu_float("x", x)
+    xc = _native_float("x", x)
     m = mask.bool().contiguous() if mask is not None else None
     mo = moments.to(torch.float64).contiguous()
     out = torch.empty(xc.shape, dtype=_acc(x))
@@ -649,6 +707,20 @@ def _whiten_apply_cpp(x, mask, moments, mode):
     mod.whiten_apply_cpu(xc.data_ptr(), _native.dtype_code("x", xc), m.data_ptr() if m is not None else 0,
                          xc.numel(), mo.data_ptr(), 0 if mode == "step" else 1, eps, out.data_ptr(),
                          _native.dtype_code("out", out))
+    return out
+
+
+@register_backend("whiten_apply", "cuda")
+def _whiten_apply_cuda(x, mask, moments, mode):
+    mod = _native.cuda_module()
+    xc = _native_float("x", x)
+    m = mask.bool().contiguous() if mask is not None else None
+    mo = moments.to(torch.float64).contiguous()
+    out = torch.empty(xc.shape, dtype=_acc(x), device=x.device)
+    eps = ref.WHITEN_STEP_EPS if mode == "step" else ref.WHITEN_TOKEN_EPS
+    mod.whiten_apply_cuda(xc.data_ptr(), _native.dtype_code("x", xc), m.data_ptr() if m is not None else 0,
+                          xc.numel(), mo.data_ptr(), 0 if mode == "step" else 1, eps, out.data_ptr(),
+                          _native.dtype_code("out", out), *_on_device(xc))
     return out
 
 
@@ -709,13 +781,30 @@ def _group_advantage_ref(values, group, subkey, norm, singleton, eps):
 @register_backend("group_advantage", "cpp")
 def _group_advantage_cpp(values, group, subkey, norm, singleton, eps):
     mod = _native.cpu_module()
-    v = _cpu_float("values", values)
-    g = _cpu_index(group, torch.int64)
-    k = _cpu_index(subkey, torch.int64) if subkey is not None else None
+    v = _native_float("values", values)
+    g = _native_index(group, torch.int64)
+    k = _native_index(subkey, torch.int64) if subkey is not None else None
     out = torch.empty(v.shape, dtype=_acc(values))
     mod.group_advantage_cpu(v.data_ptr(), _native.dtype_code("values", v), g.data_ptr(),
                             k.data_ptr() if k is not None else 0, v.numel(), GROUP_NORMS.index(norm),
                             SINGLETONS.index(singleton), float(eps), out.data_ptr(), _native.dtype_code("out", out))
+    return out
+
+
+@register_backend("group_advantage", "cuda")
+def _group_advantage_cuda(values, group, subkey, norm, singleton, eps):
+    mod = _native.cuda_module()
+    v = _native_float("values", values)
+    g = _native_index(group, torch.int64)
+    k = _native_index(subkey, torch.int64) if subkey is not None else None
+    out = torch.empty(v.shape, dtype=_acc(values), device=v.device)
+    stream, dev = _on_device(v)
+    nbytes = mod.group_advantage_cuda_workspace(v.numel(), dev)
+    work = torch.empty(nbytes, dtype=torch.uint8, device=v.device)
+    mod.group_advantage_cuda(v.data_ptr(), _native.dtype_code("values", v), g.data_ptr(),
+                             k.data_ptr() if k is not None else 0, v.numel(), GROUP_NORMS.index(norm),
+                             SINGLETONS.index(singleton), float(eps), work.data_ptr(), nbytes, out.data_ptr(),
+                             _native.dtype_code("out", out), stream, dev)
     return out
 
 

@@ -38,10 +38,11 @@ def tolerance(dtype: torch.dtype):
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional[torch.dtype] = None,
                  msg: str = "") -> None:
     """Asserts ``actual`` matches ``expected`` (usually fp64) within the table's tolerance
-    for ``dtype`` (default: actual's dtype). NaN matches NaN only at the same positions."""
+    for ``dtype`` (default: actual's dtype). NaN matches NaN only at the same positions.
+    The two may live on different devices (a CUDA result against a CPU reference)."""
     dtype = dtype or actual.dtype
     rtol, atol = tolerance(dtype)
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True,
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol, equal_nan=True,
                                msg=lambda m: f"{msg} [{dtype}: rtol={rtol}, atol={atol}] {m}")
 
 

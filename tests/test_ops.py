@@ -78,6 +78,15 @@ def test_opcheck_cpp(name):
     torch.library.opcheck(op, tuple(args))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels need a GPU")
+@pytest.mark.parametrize("name", sorted(n for n in _opcheck_samples() if "cuda" in ops._IMPLS[n]))
+def test_opcheck_cuda(name):
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _opcheck_samples()[name]]
+    args[-1] = "cuda"
+    op = getattr(torch.ops.steppo_fast, name).default
+    torch.library.opcheck(op, tuple(args))
+
+
 def test_cpp_step_rewards_matches_reference_fp64():
     lay, rew = _layout(3, 20)
     for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
@@ -124,8 +133,21 @@ def test_cuda_module_imports_and_raises_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert mod.device_count() == 0
-    with pytest.raises(RuntimeError, match="no usable CUDA device"):
-        mod.step_rewards_cuda(0, 0, 0, 0, 1, 0, 0, 0, 0)
+    # Every kernel entry point is bound and checks for a device before touching a pointer.
+    calls = {
+        "step_rewards_cuda": (0, 0, 0, 0, 1, 0, 0, 0, 0),
+        "broadcast_to_tokens_cuda": (0, 0, 0, 1, 0, 0, 0, 0),
+        "step_gae_cuda": (0, 0, 0, 0, 0, 1, 1.0, 1.0, 0, 0, 0, 0, 0),
+        "token_gae_cuda": (0, 0, 0, 0, 1, 0, 0, 0, 1, 1.0, 1.0, 0, 0, 0, 0, 0),
+        "whiten_moments_cuda": (0, 0, 0, 1, 0, 0, 0, 0),
+        "whiten_apply_cuda": (0, 0, 0, 1, 0, 0, 1e-8, 0, 0, 0, 0),
+        "group_advantage_cuda_workspace": (1, 0),
+        "group_advantage_cuda": (0, 0, 0, 0, 1, 0, 0, 1e-6, 0, 0, 0, 0, 0, 0),
+    }
+    for name, args in calls.items():
+        with pytest.raises(RuntimeError, match="no usable CUDA device"):
+            getattr(mod, name)(*args)
+    assert mod.whiten_moments_cuda_workspace(10**8) == 3 * 1024  # fixed blocks: a pure host computation
 
 
 @pytest.mark.triton
