@@ -1,12 +1,17 @@
-"""Credit assignment: step rewards, step GAE and GRPO over random agent batches.
+"""Credit assignment: every estimator over random agent batches, against the published loops.
 
 Layouts: steps of 64-256 agent tokens (quick: 16-64), 4-8 steps per trajectory,
-groups of 8. Variants: every steppo_fast backend available on the device, the
-PyTorch reference ("eager") and torch.compile of it.
+groups of 8; 1k and 64k steps, and 1M on a GPU. Variants: the steppo_fast backend of
+the device, the PyTorch reference ("eager"), torch.compile of it where it compiles, and
+the published implementations: verl's GAE, REINFORCE++, GRPO and RLOO (pip ``verl``)
+and a per-step Python loop with dictionaries for GiGPO, written the way verl-agent
+computes it. Loop peers run up to 64k steps.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from types import SimpleNamespace
 from typing import List
 
 import torch
@@ -20,12 +25,10 @@ from .harness import Case, Variant
 def make_layout(num_steps: int, tokens: tuple, steps_per_traj: tuple, group: int, device: str, seed: int = 0):
     """A step-rows batch of about num_steps steps, rows shuffled; returns (layout, token_rewards, values)."""
     g = torch.Generator().manual_seed(seed)
-    ks = []
-    while sum(ks) < num_steps:
-        ks.append(int(torch.randint(steps_per_traj[0], steps_per_traj[1] + 1, (1,), generator=g)))
-    R = len(ks)
-    traj = torch.repeat_interleave(torch.arange(R), torch.tensor(ks))
-    step = torch.cat([torch.arange(k) for k in ks])
+    ks = _steps_per_trajectory(num_steps, steps_per_traj, g)
+    R = ks.numel()
+    traj = torch.repeat_interleave(torch.arange(R), ks)
+    step = torch.arange(traj.numel()) - torch.repeat_interleave(ks.cumsum(0) - ks, ks)
     B = traj.numel()
     T = tokens[1]
     n_tok = torch.randint(tokens[0], tokens[1] + 1, (B,), generator=g)
@@ -39,13 +42,46 @@ def make_layout(num_steps: int, tokens: tuple, steps_per_traj: tuple, group: int
     return lay, rew, vals
 
 
+def _steps_per_trajectory(num_steps: int, steps_per_traj: tuple, g: torch.Generator) -> torch.Tensor:
+    """Trajectory lengths drawn from steps_per_traj until they add up to at least num_steps."""
+    ks = torch.randint(steps_per_traj[0], steps_per_traj[1] + 1, (num_steps // steps_per_traj[0] + 1,), generator=g)
+    return ks[: int(torch.searchsorted(ks.cumsum(0), num_steps)) + 1]
+
+
+def make_packed(num_steps: int, tokens: tuple, steps_per_traj: tuple, group: int, device: str, obs=(8, 32),
+                seed: int = 2):
+    """One row per trajectory (verl's multi-turn layout): each step's agent tokens follow an
+    observation of ``obs`` tokens (mask 0). Returns (layout, token_rewards, values, mask)."""
+    g = torch.Generator().manual_seed(seed)
+    ks = _steps_per_trajectory(num_steps, steps_per_traj, g)
+    R, S = ks.numel(), int(ks.sum())
+    step_k = torch.arange(S) - torch.repeat_interleave(ks.cumsum(0) - ks, ks)
+    n_tok = torch.randint(tokens[0], tokens[1] + 1, (S,), generator=g)
+    n_obs = torch.randint(obs[0], obs[1] + 1, (S,), generator=g)
+    # Segments (observation, then the step's tokens), laid out row after row.
+    seg_val = torch.stack([torch.full((S,), -1), step_k], 1).reshape(-1)
+    seg_len = torch.stack([n_obs, n_tok], 1).reshape(-1)
+    seg_row = torch.repeat_interleave(torch.repeat_interleave(torch.arange(R), ks), 2)
+    row_len = torch.zeros(R, dtype=torch.int64).index_add_(0, seg_row, seg_len)
+    T = int(row_len.max())
+    flat_row = torch.repeat_interleave(seg_row, seg_len)
+    pos = torch.arange(flat_row.numel()) - torch.repeat_interleave(row_len.cumsum(0) - row_len, row_len)
+    sid = torch.full((R, T), -1, dtype=torch.int64)
+    sid[flat_row, pos] = torch.repeat_interleave(seg_val, seg_len)
+    mask = sid >= 0
+    lay = StepLayout.from_packed(sid.to(device), (torch.arange(R) // group).to(device), num_steps=ks.to(device))
+    rew = (torch.randn(R, T, generator=g) * mask).to(device)
+    vals = torch.randn(R, T, generator=g).to(device)
+    return lay, rew, vals, mask.to(device)
+
+
 def _compiled(fn):
     c = torch.compile(fn, dynamic=False)
     return c
 
 
 def cases(device: str, quick: bool) -> List[Case]:
-    sizes = [1024] if quick else [1024, 65536]
+    sizes = [1024] if quick else [1024, 65536] + ([1 << 20] if device == "cuda" else [])
     tok = (16, 64) if quick else (64, 256)
     out = []
     for S in sizes:
@@ -76,7 +112,135 @@ def cases(device: str, quick: bool) -> List[Case]:
         out.append(Case("step_gae", size, st2,
                         lambda s: ref.step_gae(s["r"].double(), s["v"].double(), s["lay"].traj_step_offsets, 0.99,
                                                0.95), bytes_moved=gae_bytes, variants=vs))
+        out.append(_gigpo_case(lay, rew, S, device))
+        out += _token_level_cases(S, tok, device)
         out += _outcome_cases(S, tok, device)
+    return out
+
+
+LOOP_PEERS_MAX_STEPS = 65536  # the Python-loop peers take minutes beyond this
+
+
+def _gigpo_python_loop(s):
+    """GiGPO with the structure of verl-agent's implementation: one row per step, Python loops
+    over rows that index tensors element by element, dictionaries keyed by group and by
+    (group, anchor state), one small tensor reduction per group. SPEC 6 semantics: episode
+    scores normalised in their group (a group of one: mean 0, std 1), discounted step returns
+    normalised in their step group (a step group of one: 0), mean_norm mode."""
+    r = s["r_s"].clone()
+    traj = s["step_traj"].cpu().numpy()
+    index = s["step_group"].cpu().numpy()
+    anchors = s["anchor"].cpu().numpy()
+    gamma, w = s["gamma"], s["w"]
+    S = r.numel()
+    # Episode part: each trajectory's score, gathered row by row, normalised in its group.
+    traj_score = defaultdict(float)
+    for i in range(S):
+        traj_score[traj[i]] += r[i]
+    id2scores = defaultdict(list)
+    seen = set()
+    for i in range(S):
+        if traj[i] not in seen:
+            seen.add(traj[i])
+            id2scores[index[i]].append(traj_score[traj[i]])
+    id2mean = {k: torch.mean(torch.tensor(v)) if len(v) > 1 else torch.tensor(0.0) for k, v in id2scores.items()}
+    episode = torch.zeros(S)
+    for i in range(S):
+        episode[i] = traj_score[traj[i]] - id2mean[index[i]]
+    # Step part: discounted returns per trajectory (a reverse loop over its rows), step groups
+    # from a dictionary of (group, anchor state), mean-normalised per step group.
+    rows_of = defaultdict(list)
+    for i in range(S):
+        rows_of[traj[i]].append(i)
+    returns = torch.zeros(S)
+    for rows in rows_of.values():
+        run = 0.0
+        for i in reversed(rows):
+            run = r[i] + gamma * run
+            returns[i] = run
+    step_groups = defaultdict(list)
+    for i in range(S):
+        step_groups[(index[i], anchors[i])].append(i)
+    step_adv = torch.zeros(S)
+    for rows in step_groups.values():
+        if len(rows) > 1:
+            mean = torch.mean(torch.tensor([returns[i] for i in rows]))
+            for i in rows:
+                step_adv[i] = returns[i] - mean
+    adv = episode + w * step_adv
+    return adv[s["row_step"]][:, None] * s["mask"]
+
+
+def _gigpo_case(lay, rew, S, device) -> Case:
+    """GiGPO (episode groups + anchor-state step groups), token broadcast included."""
+    g = torch.Generator().manual_seed(5)
+    r_s = ref.step_rewards(rew.reshape(-1), lay.token_step, lay.num_steps)
+    anchor = torch.randint(0, 4, (lay.num_steps,), generator=g).to(device)
+    mask = lay.token_mask.reshape(lay.token_shape)
+    st = {"lay": lay, "r_s": r_s, "anchor": anchor, "step_traj": lay.step_traj,
+          "step_group": lay.traj_group[lay.step_traj], "row_step": lay.row_step, "mask": mask, "gamma": 0.95,
+          "w": 1.0}
+
+    def ours(s, backend="auto", dtype=None):
+        r = s["r_s"] if dtype is None else s["r_s"].to(dtype)
+        return advantages.compute("gigpo", s["lay"], step_rewards=r, anchor_keys=s["anchor"], gamma=s["gamma"],
+                                  step_weight=s["w"], gigpo_mode="mean_norm", backend=backend).token_advantages
+
+    vs = [Variant("eager", lambda s: ours(s, "reference"), "peer")]
+    if S <= LOOP_PEERS_MAX_STEPS:
+        vs.append(Variant("python loop (verl-agent style)", _gigpo_python_loop, "peer"))
+    vs.append(Variant(f"steppo_fast[{ops.resolve_backend('group_advantage', torch.device(device))}]", ours))
+    moved = mask.numel() * (1 + 4) + lay.num_steps * (4 + 8)
+    return Case("gigpo (+ broadcast)", {"steps": lay.num_steps, "tokens": lay.num_active_tokens}, st,
+                lambda s: ours(s, "reference", torch.float64), bytes_moved=moved, variants=vs)
+
+
+def _token_level_cases(num_steps: int, tok: tuple, device: str) -> List[Case]:
+    """Token GAE and REINFORCE++ across the steps of packed multi-turn rows, the layout verl's
+    loops take (they carry the recursion across observation tokens), whitening included."""
+    lay, rew, vals, mask = make_packed(num_steps, tok, (4, 8), 8, device)
+    st = {"lay": lay, "rew": rew, "vals": vals, "mask": mask, "maskf": mask.float()}
+    size = {"steps": lay.num_steps, "tokens": lay.num_active_tokens}
+    gamma, lam = 0.99, 0.95
+
+    def gae(s, backend="auto", dt=None):
+        r, v = (s["rew"], s["vals"]) if dt is None else (s["rew"].to(dt), s["vals"].to(dt))
+        out = advantages.compute("token_gae", s["lay"], token_rewards=r, values=v, gamma=gamma, lam=lam,
+                                 backend=backend)
+        return out.token_advantages, out.token_returns
+
+    def verl_gae(s):
+        from verl.trainer.ppo import core_algos
+
+        adv, ret = core_algos.compute_gae_advantage_return(s["rew"], s["vals"], s["maskf"], gamma, lam)
+        return adv * s["maskf"], ret * s["maskf"]  # verl leaves values on non-agent tokens
+
+    def rpp(s, backend="auto", dt=None):
+        r = s["rew"] if dt is None else s["rew"].to(dt)
+        return advantages.compute("reinforce_pp", s["lay"], token_rewards=r, gamma=gamma,
+                                  backend=backend).token_advantages
+
+    def verl_rpp(s):
+        from verl.trainer.ppo import core_algos
+
+        adv, _ = core_algos.compute_reinforce_plus_plus_outcome_advantage(s["rew"], s["maskf"],
+                                                                          SimpleNamespace(gamma=gamma))
+        return adv
+
+    loops = num_steps <= LOOP_PEERS_MAX_STEPS
+    backend = ops.resolve_backend("token_gae", torch.device(device))
+    cells = mask.numel()
+    out = []
+    vs = [Variant("eager", lambda s: gae(s, "reference"), "peer")]
+    vs += [Variant("verl compute_gae_advantage_return", verl_gae, "peer")] if loops else []
+    vs.append(Variant(f"steppo_fast[{backend}]", gae))
+    out.append(Case("token_gae (+ whiten)", size, st, lambda s: gae(s, "reference", torch.float64),
+                    bytes_moved=cells * (4 + 4 + 1 + 4 + 4), variants=vs))
+    vs = [Variant("eager", lambda s: rpp(s, "reference"), "peer")]
+    vs += [Variant("verl reinforce_plus_plus", verl_rpp, "peer")] if loops else []
+    vs.append(Variant(f"steppo_fast[{backend}]", rpp))
+    out.append(Case("reinforce_pp (+ whiten)", size, st, lambda s: rpp(s, "reference", torch.float64),
+                    bytes_moved=cells * (4 + 1 + 4), variants=vs))
     return out
 
 
