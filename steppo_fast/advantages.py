@@ -128,7 +128,10 @@ def compute(
     if token_rewards is not None:
         tok_r = _flat_tokens("token_rewards", token_rewards, layout)
         _check_float("token_rewards", tok_r, (N,), dev)
-        st_r = ops.step_rewards(tok_r, layout.token_step, layout.step_tokens, layout.step_token_offsets, backend)
+        # Token-level estimators read the token rewards themselves; the others need step sums.
+        st_r = None
+        if estimator not in ("token_gae", "reinforce_pp"):
+            st_r = ops.step_rewards(tok_r, layout.token_step, layout.step_tokens, layout.step_token_offsets, backend)
     else:
         st_r = _check_float("step_rewards", step_rewards, (S,), dev)
         tok_r = None
