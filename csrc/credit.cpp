@@ -15,42 +15,89 @@
 namespace steppo {
 namespace {
 
-inline double load(const void* p, int code, int64_t i) { return load_as_double(p, code, i); }
+// Element access with the dtype fixed at compile time: the kernels below are instantiated per
+// (input, output) dtype through with_in / with_out, so their loops carry no per-element dtype
+// switch and the compiler can vectorise them.
+template <int Code>
+struct In;
+template <>
+struct In<kFloat32> {
+  static double at(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
+};
+template <>
+struct In<kFloat64> {
+  static double at(const void* p, int64_t i) { return static_cast<const double*>(p)[i]; }
+};
+template <>
+struct In<kBFloat16> {
+  static double at(const void* p, int64_t i) { return bf16_to_float(static_cast<const uint16_t*>(p)[i]); }
+};
+template <>
+struct In<kFloat16> {
+  static double at(const void* p, int64_t i) { return fp16_to_float(static_cast<const uint16_t*>(p)[i]); }
+};
 
-inline void store(void* p, int code, int64_t i, double v) {
-  if (code == kFloat32) {
-    static_cast<float*>(p)[i] = static_cast<float>(v);
-  } else if (code == kFloat64) {
-    static_cast<double*>(p)[i] = v;
-  } else {
-    bad_dtype("out", code);
+template <int Code>
+struct Out;
+template <>
+struct Out<kFloat32> {
+  static void set(void* p, int64_t i, double v) { static_cast<float*>(p)[i] = static_cast<float>(v); }
+};
+template <>
+struct Out<kFloat64> {
+  static void set(void* p, int64_t i, double v) { static_cast<double*>(p)[i] = v; }
+};
+
+// Calls f(In<code>{}) for a float input dtype code; raises naming `name` for any other.
+template <typename F>
+void with_in(const char* name, int code, F&& f) {
+  switch (code) {
+    case kFloat32: f(In<kFloat32>{}); break;
+    case kFloat64: f(In<kFloat64>{}); break;
+    case kBFloat16: f(In<kBFloat16>{}); break;
+    case kFloat16: f(In<kFloat16>{}); break;
+    default: bad_dtype(name, code);
   }
 }
 
-void check_out(int code) {
-  if (code != kFloat32 && code != kFloat64) bad_dtype("out", code);
+void advise_out(void* p, int64_t n, int out_dtype) {
+  advise_huge_pages(p, static_cast<size_t>(n) * (out_dtype == kFloat64 ? 8 : 4));
 }
 
-void check_in(const char* name, int code) {
-  if (code != kFloat32 && code != kFloat64 && code != kBFloat16 && code != kFloat16) bad_dtype(name, code);
+// Calls f(Out<code>{}) for float32 / float64 outputs.
+template <typename F>
+void with_out(int code, F&& f) {
+  switch (code) {
+    case kFloat32: f(Out<kFloat32>{}); break;
+    case kFloat64: f(Out<kFloat64>{}); break;
+    default: bad_dtype("out", code);
+  }
 }
 
 // The GAE recurrence, backwards over positions begin..end-1 of one trajectory; element idx(i) holds
 // position i's reward and value. delta = r + gamma V_next - V (V past the end = 0);
 // A = delta + gamma lam A_next; R = A + V.
-template <typename Index>
-void gae_sweep(int64_t begin, int64_t end, Index idx, const void* r, int r_dtype, const void* v, int v_dtype,
-               double gamma, double lam, void* adv, void* ret, int out_dtype) {
+template <typename R, typename V, typename O, typename Index>
+void gae_sweep(int64_t begin, int64_t end, Index idx, const void* r, const void* v, double gamma, double lam,
+               void* adv, void* ret) {
   double next_v = 0.0, next_a = 0.0;
   for (int64_t i = end - 1; i >= begin; --i) {
     const int64_t e = idx(i);
-    const double ve = load(v, v_dtype, e);
-    const double ae = load(r, r_dtype, e) + gamma * next_v - ve + gamma * lam * next_a;
-    store(adv, out_dtype, e, ae);
-    store(ret, out_dtype, e, ae + ve);
+    const double ve = V::at(v, e);
+    const double ae = R::at(r, e) + gamma * next_v - ve + gamma * lam * next_a;
+    O::set(adv, e, ae);
+    O::set(ret, e, ae + ve);
     next_v = ve;
     next_a = ae;
   }
+}
+
+// Runs body(R{}, V{}, O{}) with the three dtypes fixed.
+template <typename F>
+void with_gae_types(const char* r_name, int r_dtype, const char* v_name, int v_dtype, int out_dtype, F&& body) {
+  with_in(r_name, r_dtype, [&](auto rt) {
+    with_in(v_name, v_dtype, [&](auto vt) { with_out(out_dtype, [&](auto ot) { body(rt, vt, ot); }); });
+  });
 }
 
 // Elements per block of the whitening sums: the sum of each block is formed in order, then the
@@ -61,38 +108,41 @@ constexpr int64_t kBlock = 4096;
 
 void broadcast_to_tokens_cpu(uintptr_t step_values, int values_dtype, uintptr_t token_step, int64_t n,
                              uintptr_t out, int out_dtype) {
-  check_in("step_values", values_dtype);
-  check_out(out_dtype);
   const void* v = reinterpret_cast<const void*>(step_values);
   const int32_t* ts = reinterpret_cast<const int32_t*>(token_step);
   void* o = reinterpret_cast<void*>(out);
+  advise_out(o, n, out_dtype);
+  with_in("step_values", values_dtype, [&](auto in) {
+    with_out(out_dtype, [&](auto ot) {
+      using I = decltype(in);
+      using O = decltype(ot);
 #pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < n; ++t) store(o, out_dtype, t, ts[t] >= 0 ? load(v, values_dtype, ts[t]) : 0.0);
+      for (int64_t t = 0; t < n; ++t) O::set(o, t, ts[t] >= 0 ? I::at(v, ts[t]) : 0.0);
+    });
+  });
 }
 
 void step_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int values_dtype,
                   uintptr_t traj_step_offsets, int64_t num_trajectories, double gamma, double lam, uintptr_t adv,
                   uintptr_t ret, int out_dtype) {
-  check_in("step_rewards", rewards_dtype);
-  check_in("step_values", values_dtype);
-  check_out(out_dtype);
   const void* r = reinterpret_cast<const void*>(rewards);
   const void* v = reinterpret_cast<const void*>(values);
   const int64_t* off = reinterpret_cast<const int64_t*>(traj_step_offsets);
   void* a = reinterpret_cast<void*>(adv);
   void* R = reinterpret_cast<void*>(ret);
+  with_gae_types("step_rewards", rewards_dtype, "step_values", values_dtype, out_dtype, [&](auto rt, auto vt, auto ot) {
+    using RT = decltype(rt);
+    using VT = decltype(vt);
+    using OT = decltype(ot);
 #pragma omp parallel for schedule(dynamic, 64)
-  for (int64_t j = 0; j < num_trajectories; ++j)
-    gae_sweep(off[j], off[j + 1], [](int64_t i) { return i; }, r, rewards_dtype, v, values_dtype, gamma, lam, a, R,
-              out_dtype);
+    for (int64_t j = 0; j < num_trajectories; ++j)
+      gae_sweep<RT, VT, OT>(off[j], off[j + 1], [](int64_t i) { return i; }, r, v, gamma, lam, a, R);
+  });
 }
 
 void token_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int values_dtype, int64_t n_tokens,
                    uintptr_t step_tokens, uintptr_t step_token_offsets, uintptr_t traj_step_offsets,
                    int64_t num_trajectories, double gamma, double lam, uintptr_t adv, uintptr_t ret, int out_dtype) {
-  check_in("token_rewards", rewards_dtype);
-  check_in("token_values", values_dtype);
-  check_out(out_dtype);
   const void* r = reinterpret_cast<const void*>(rewards);
   const void* v = reinterpret_cast<const void*>(values);
   const int64_t* tok = reinterpret_cast<const int64_t*>(step_tokens);
@@ -100,45 +150,57 @@ void token_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int v
   const int64_t* toff = reinterpret_cast<const int64_t*>(traj_step_offsets);
   void* a = reinterpret_cast<void*>(adv);
   void* R = reinterpret_cast<void*>(ret);
+  advise_out(a, n_tokens, out_dtype);
+  advise_out(R, n_tokens, out_dtype);
+  with_gae_types("token_rewards", rewards_dtype, "token_values", values_dtype, out_dtype,
+                 [&](auto rt, auto vt, auto ot) {
+    using RT = decltype(rt);
+    using VT = decltype(vt);
+    using OT = decltype(ot);
 #pragma omp parallel
-  {
+    {
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < n_tokens; ++t) {
-      store(a, out_dtype, t, 0.0);
-      store(R, out_dtype, t, 0.0);
-    }
-    // The implicit barrier above orders the zeros before the trajectories' writes.
+      for (int64_t t = 0; t < n_tokens; ++t) {
+        OT::set(a, t, 0.0);
+        OT::set(R, t, 0.0);
+      }
+      // The implicit barrier above orders the zeros before the trajectories' writes.
 #pragma omp for schedule(dynamic, 64)
-    for (int64_t j = 0; j < num_trajectories; ++j) {
-      // The trajectory's agent tokens in time order are one contiguous range of step_tokens.
-      const int64_t begin = soff[toff[j]], end = soff[toff[j + 1]];
-      gae_sweep(begin, end, [tok](int64_t i) { return tok[i]; }, r, rewards_dtype, v, values_dtype, gamma, lam, a,
-                R, out_dtype);
+      for (int64_t j = 0; j < num_trajectories; ++j) {
+        // The trajectory's agent tokens in time order are one contiguous range of step_tokens.
+        gae_sweep<RT, VT, OT>(soff[toff[j]], soff[toff[j + 1]], [tok](int64_t i) { return tok[i]; }, r, v, gamma,
+                              lam, a, R);
+      }
     }
-  }
+  });
 }
 
 void whiten_moments_cpu(uintptr_t x, int x_dtype, uintptr_t mask, int64_t n, uintptr_t out) {
-  check_in("x", x_dtype);
   const void* xp = reinterpret_cast<const void*>(x);
   const bool* m = reinterpret_cast<const bool*>(mask);
   const int64_t nb = (n + kBlock - 1) / kBlock;
   std::vector<double> cnt(static_cast<size_t>(nb)), sum(static_cast<size_t>(nb)), sq(static_cast<size_t>(nb));
+  with_in("x", x_dtype, [&](auto in) {
+    using I = decltype(in);
 #pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nb; ++b) {
-    double c = 0.0, s = 0.0, q = 0.0;
-    const int64_t end = std::min(n, (b + 1) * kBlock);
-    for (int64_t i = b * kBlock; i < end; ++i) {
-      if (m != nullptr && !m[i]) continue;
-      const double xi = load(xp, x_dtype, i);
-      c += 1.0;
-      s += xi;
-      q += xi * xi;
+    for (int64_t b = 0; b < nb; ++b) {
+      double c = 0.0, s = 0.0, q = 0.0;
+      const int64_t end = std::min(n, (b + 1) * kBlock);
+      for (int64_t i = b * kBlock; i < end; ++i) {
+        // Load unconditionally and select (no branch to mispredict); a select, not a multiply by
+        // the mask, so a NaN under the mask stays out.
+        const bool keep = m == nullptr || reinterpret_cast<const uint8_t*>(m)[i] != 0;
+        const double raw = I::at(xp, i);
+        const double xi = keep ? raw : 0.0;
+        c += keep ? 1.0 : 0.0;
+        s += xi;
+        q += xi * xi;
+      }
+      cnt[b] = c;
+      sum[b] = s;
+      sq[b] = q;
     }
-    cnt[b] = c;
-    sum[b] = s;
-    sq[b] = q;
-  }
+  });
   double* o = reinterpret_cast<double*>(out);
   o[0] = o[1] = o[2] = 0.0;
   for (int64_t b = 0; b < nb; ++b) {
@@ -150,8 +212,6 @@ void whiten_moments_cpu(uintptr_t x, int x_dtype, uintptr_t mask, int64_t n, uin
 
 void whiten_apply_cpu(uintptr_t x, int x_dtype, uintptr_t mask, int64_t n, uintptr_t moments, int mode, double eps,
                       uintptr_t out, int out_dtype) {
-  check_in("x", x_dtype);
-  check_out(out_dtype);
   if (mode != 0 && mode != 1) throw std::invalid_argument("mode must be 0 (step) or 1 (token)");
   const double* mo = reinterpret_cast<const double*>(moments);
   const double cnt = mo[0], s = mo[1], ss = mo[2];
@@ -162,17 +222,28 @@ void whiten_apply_cpu(uintptr_t x, int x_dtype, uintptr_t mask, int64_t n, uintp
   const void* xp = reinterpret_cast<const void*>(x);
   const bool* m = reinterpret_cast<const bool*>(mask);
   void* o = reinterpret_cast<void*>(out);
+  advise_out(o, n, out_dtype);
+  with_in("x", x_dtype, [&](auto in) {
+    with_out(out_dtype, [&](auto ot) {
+      using I = decltype(in);
+      using O = decltype(ot);
+      if (m == nullptr) {
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const bool keep = m == nullptr || m[i];
-    store(o, out_dtype, i, keep ? (load(xp, x_dtype, i) - mean) * scale : 0.0);
-  }
+        for (int64_t i = 0; i < n; ++i) O::set(o, i, (I::at(xp, i) - mean) * scale);
+      } else {
+        const uint8_t* mb = reinterpret_cast<const uint8_t*>(m);
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; ++i) {
+          const double y = (I::at(xp, i) - mean) * scale;  // computed for every element, then selected
+          O::set(o, i, mb[i] != 0 ? y : 0.0);
+        }
+      }
+    });
+  });
 }
 
 void group_advantage_cpu(uintptr_t values, int values_dtype, uintptr_t group, uintptr_t subkey, int64_t n,
                          int norm, int singleton, double eps, uintptr_t out, int out_dtype) {
-  check_in("values", values_dtype);
-  check_out(out_dtype);
   if (norm < 0 || norm > 2) throw std::invalid_argument("norm must be 0 (mean_std), 1 (mean) or 2 (rloo)");
   if (singleton != 0 && singleton != 1) throw std::invalid_argument("singleton must be 0 (unit) or 1 (zero)");
   const void* v = reinterpret_cast<const void*>(values);
@@ -193,34 +264,38 @@ void group_advantage_cpu(uintptr_t values, int values_dtype, uintptr_t group, ui
   }
   starts.push_back(n);
   const int64_t num_groups = static_cast<int64_t>(starts.size()) - 1;
+  with_in("values", values_dtype, [&](auto in) {
+    with_out(out_dtype, [&](auto ot) {
+      using I = decltype(in);
+      using O = decltype(ot);
 #pragma omp parallel for schedule(dynamic, 256)
-  for (int64_t q = 0; q < num_groups; ++q) {
-    const int64_t b = starts[q], e = starts[q + 1];
-    const double cnt = static_cast<double>(e - b);
-    if (e - b == 1) {
-      const double x = load(v, values_dtype, order[b]);
-      const double single = singleton == 1 ? 0.0 : (norm == 0 ? x / (1.0 + eps) : x);
-      store(o, out_dtype, order[b], single);
-      continue;
-    }
-    double sum = 0.0;
-    for (int64_t i = b; i < e; ++i) sum += load(v, values_dtype, order[i]);
-    const double mean = sum / cnt;
-    double inv_std = 1.0;
-    if (norm == 0) {
-      double dev2 = 0.0;
-      for (int64_t i = b; i < e; ++i) {
-        const double d = load(v, values_dtype, order[i]) - mean;
-        dev2 += d * d;
+      for (int64_t q = 0; q < num_groups; ++q) {
+        const int64_t b = starts[q], e = starts[q + 1];
+        const double cnt = static_cast<double>(e - b);
+        if (e - b == 1) {
+          const double x = I::at(v, order[b]);
+          O::set(o, order[b], singleton == 1 ? 0.0 : (norm == 0 ? x / (1.0 + eps) : x));
+          continue;
+        }
+        double sum = 0.0;
+        for (int64_t i = b; i < e; ++i) sum += I::at(v, order[i]);
+        const double mean = sum / cnt;
+        double inv_std = 1.0;
+        if (norm == 0) {
+          double dev2 = 0.0;
+          for (int64_t i = b; i < e; ++i) {
+            const double d = I::at(v, order[i]) - mean;
+            dev2 += d * d;
+          }
+          inv_std = 1.0 / (std::sqrt(dev2 / (cnt - 1.0)) + eps);
+        }
+        for (int64_t i = b; i < e; ++i) {
+          const double d = I::at(v, order[i]) - mean;
+          O::set(o, order[i], norm == 0 ? d * inv_std : (norm == 1 ? d : cnt * d / (cnt - 1.0)));
+        }
       }
-      inv_std = 1.0 / (std::sqrt(dev2 / (cnt - 1.0)) + eps);
-    }
-    for (int64_t i = b; i < e; ++i) {
-      const double d = load(v, values_dtype, order[i]) - mean;
-      const double res = norm == 0 ? d * inv_std : (norm == 1 ? d : cnt * d / (cnt - 1.0));
-      store(o, out_dtype, order[i], res);
-    }
-  }
+    });
+  });
 }
 
 }  // namespace steppo

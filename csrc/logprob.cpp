@@ -336,22 +336,6 @@ void backward_rows(const T* logits, int64_t n, int64_t vocab, int64_t rpb, int64
   }
 }
 
-// A freshly allocated gradient buffer is first touched by the backward: ask Linux to back it with
-// huge pages (when transparent huge pages are in "madvise" mode), so that writing it costs one page
-// fault per 2 MiB instead of per 4 KiB. Advisory only; errors are ignored.
-void advise_huge_pages(void* p, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (bytes < 4 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
 template <typename F>
 void dispatch_float(int code, F&& f) {
   switch (code) {
