@@ -483,28 +483,35 @@ def _on_device(t: Tensor):
     return _native.cuda_stream(t), t.device.index or 0
 
 
-@register_backend("broadcast_to_tokens", "cpp")
-def _broadcast_to_tokens_cpp(step_values, token_step):
-    mod = _native.cpu_module()
-    v = _native_float("step_values", step_values)
-    ts = _native_index(token_step, torch.int32)
-    out = torch.empty(ts.shape, dtype=v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32)
-    # With no steps every token_step is -1: the kernel writes zeros and reads no value.
-    mod.broadcast_to_tokens_cpu(v.data_ptr(), _native.dtype_code("step_values", v), ts.data_ptr(), ts.numel(),
-                                out.data_ptr(), _native.dtype_code("out", out))
-    return out.to(step_values.dtype)  # same dtype as the values (a copy is exact)
+def _launch(kind: str, name: str, like: Tensor, *args):
+    """Calls kernel ``name`` of _C (kind "cpp": ``name_cpu``) or _C_cuda (kind "cuda":
+    ``name_cuda``, with the stream and device of ``like`` appended)."""
+    if kind == "cpp":
+        return getattr(_native.cpu_module(), f"{name}_cpu")(*args)
+    return getattr(_native.cuda_module(), f"{name}_cuda")(*args, *_on_device(like))
 
 
-@register_backend("broadcast_to_tokens", "cuda")
-def _broadcast_to_tokens_cuda(step_values, token_step):
-    mod = _native.cuda_module()
-    v = _native_float("step_values", step_values)
-    ts = _native_index(token_step, torch.int32)
-    out = torch.empty(ts.shape, dtype=v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32,
-                      device=v.device)
-    mod.broadcast_to_tokens_cuda(v.data_ptr(), _native.dtype_code("step_values", v), ts.data_ptr(), ts.numel(),
-                                 out.data_ptr(), _native.dtype_code("out", out), *_on_device(v))
-    return out.to(step_values.dtype)
+def _register_native(op: str):
+    """Decorator for ``factory(kind) -> impl``: registers the impl of both compiled backends."""
+    def deco(factory):
+        for kind in ("cpp", "cuda"):
+            register_backend(op, kind)(factory(kind))
+        return factory
+    return deco
+
+
+@_register_native("broadcast_to_tokens")
+def _broadcast_to_tokens_native(kind):
+    def impl(step_values, token_step):
+        v = _native_float("step_values", step_values)
+        ts = _native_index(token_step, torch.int32)
+        out = torch.empty(ts.shape, dtype=v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32,
+                          device=v.device)
+        # With no steps every token_step is -1: the kernel writes zeros and reads no value.
+        _launch(kind, "broadcast_to_tokens", v, v.data_ptr(), _native.dtype_code("step_values", v), ts.data_ptr(),
+                ts.numel(), out.data_ptr(), _native.dtype_code("out", out))
+        return out.to(step_values.dtype)  # same dtype as the values (a copy is exact)
+    return impl
 
 
 def broadcast_to_tokens(step_values: Tensor, token_step: Tensor, backend: str = "auto") -> Tensor:
@@ -527,30 +534,18 @@ def _(step_rewards, step_values, traj_step_offsets, gamma, lam, backend):
 register_backend("step_gae", "reference")(ref.step_gae)
 
 
-@register_backend("step_gae", "cpp")
-def _step_gae_cpp(step_rewards, step_values, traj_step_offsets, gamma, lam):
-    mod = _native.cpu_module()
-    r, v = _native_float("step_rewards", step_rewards), _native_float("step_values", step_values)
-    off = _native_index(traj_step_offsets, torch.int64)
-    dt = _acc(step_rewards, step_values)
-    adv, ret = torch.empty(r.shape, dtype=dt), torch.empty(r.shape, dtype=dt)
-    mod.step_gae_cpu(r.data_ptr(), _native.dtype_code("step_rewards", r), v.data_ptr(),
-                     _native.dtype_code("step_values", v), off.data_ptr(), off.numel() - 1, float(gamma), float(lam),
-                     adv.data_ptr(), ret.data_ptr(), _native.dtype_code("adv", adv))
-    return adv, ret
-
-
-@register_backend("step_gae", "cuda")
-def _step_gae_cuda(step_rewards, step_values, traj_step_offsets, gamma, lam):
-    mod = _native.cuda_module()
-    r, v = _native_float("step_rewards", step_rewards), _native_float("step_values", step_values)
-    off = _native_index(traj_step_offsets, torch.int64)
-    dt = _acc(step_rewards, step_values)
-    adv, ret = torch.empty(r.shape, dtype=dt, device=r.device), torch.empty(r.shape, dtype=dt, device=r.device)
-    mod.step_gae_cuda(r.data_ptr(), _native.dtype_code("step_rewards", r), v.data_ptr(),
-                      _native.dtype_code("step_values", v), off.data_ptr(), off.numel() - 1, float(gamma), float(lam),
-                      adv.data_ptr(), ret.data_ptr(), _native.dtype_code("adv", adv), *_on_device(r))
-    return adv, ret
+@_register_native("step_gae")
+def _step_gae_native(kind):
+    def impl(step_rewards, step_values, traj_step_offsets, gamma, lam):
+        r, v = _native_float("step_rewards", step_rewards), _native_float("step_values", step_values)
+        off = _native_index(traj_step_offsets, torch.int64)
+        dt = _acc(step_rewards, step_values)
+        adv, ret = torch.empty(r.shape, dtype=dt, device=r.device), torch.empty(r.shape, dtype=dt, device=r.device)
+        _launch(kind, "step_gae", r, r.data_ptr(), _native.dtype_code("step_rewards", r), v.data_ptr(),
+                _native.dtype_code("step_values", v), off.data_ptr(), off.numel() - 1, float(gamma), float(lam),
+                adv.data_ptr(), ret.data_ptr(), _native.dtype_code("adv", adv))
+        return adv, ret
+    return impl
 
 
 def step_gae(step_rewards: Tensor, step_values: Tensor, traj_step_offsets: Tensor, gamma: float = 1.0,
@@ -576,36 +571,21 @@ def _(token_rewards, token_values, step_tokens, step_token_offsets, traj_step_of
 register_backend("token_gae", "reference")(ref.token_gae)
 
 
-@register_backend("token_gae", "cpp")
-def _token_gae_cpp(token_rewards, token_values, step_tokens, step_token_offsets, traj_step_offsets, gamma, lam):
-    mod = _native.cpu_module()
-    r, v = _native_float("token_rewards", token_rewards), _native_float("token_values", token_values)
-    tok = _native_index(step_tokens, torch.int64)
-    soff = _native_index(step_token_offsets, torch.int64)
-    toff = _native_index(traj_step_offsets, torch.int64)
-    dt = _acc(token_rewards, token_values)
-    adv, ret = torch.empty(r.shape, dtype=dt), torch.empty(r.shape, dtype=dt)
-    mod.token_gae_cpu(r.data_ptr(), _native.dtype_code("token_rewards", r), v.data_ptr(),
-                      _native.dtype_code("token_values", v), r.numel(), tok.data_ptr(), soff.data_ptr(),
-                      toff.data_ptr(), toff.numel() - 1, float(gamma), float(lam), adv.data_ptr(), ret.data_ptr(),
-                      _native.dtype_code("adv", adv))
-    return adv, ret
-
-
-@register_backend("token_gae", "cuda")
-def _token_gae_cuda(token_rewards, token_values, step_tokens, step_token_offsets, traj_step_offsets, gamma, lam):
-    mod = _native.cuda_module()
-    r, v = _native_float("token_rewards", token_rewards), _native_float("token_values", token_values)
-    tok = _native_index(step_tokens, torch.int64)
-    soff = _native_index(step_token_offsets, torch.int64)
-    toff = _native_index(traj_step_offsets, torch.int64)
-    dt = _acc(token_rewards, token_values)
-    adv, ret = torch.empty(r.shape, dtype=dt, device=r.device), torch.empty(r.shape, dtype=dt, device=r.device)
-    mod.token_gae_cuda(r.data_ptr(), _native.dtype_code("token_rewards", r), v.data_ptr(),
-                       _native.dtype_code("token_values", v), r.numel(), tok.data_ptr(), soff.data_ptr(),
-                       toff.data_ptr(), toff.numel() - 1, float(gamma), float(lam), adv.data_ptr(), ret.data_ptr(),
-                       _native.dtype_code("adv", adv), *_on_device(r))
-    return adv, ret
+@_register_native("token_gae")
+def _token_gae_native(kind):
+    def impl(token_rewards, token_values, step_tokens, step_token_offsets, traj_step_offsets, gamma, lam):
+        r, v = _native_float("token_rewards", token_rewards), _native_float("token_values", token_values)
+        tok = _native_index(step_tokens, torch.int64)
+        soff = _native_index(step_token_offsets, torch.int64)
+        toff = _native_index(traj_step_offsets, torch.int64)
+        dt = _acc(token_rewards, token_values)
+        adv, ret = torch.empty(r.shape, dtype=dt, device=r.device), torch.empty(r.shape, dtype=dt, device=r.device)
+        _launch(kind, "token_gae", r, r.data_ptr(), _native.dtype_code("token_rewards", r), v.data_ptr(),
+                _native.dtype_code("token_values", v), r.numel(), tok.data_ptr(), soff.data_ptr(), toff.data_ptr(),
+                toff.numel() - 1, float(gamma), float(lam), adv.data_ptr(), ret.data_ptr(),
+                _native.dtype_code("adv", adv))
+        return adv, ret
+    return impl
 
 
 def token_gae(token_rewards: Tensor, token_values: Tensor, step_tokens: Tensor, step_token_offsets: Tensor,
@@ -696,32 +676,19 @@ def _whiten_apply_ref(x, mask, moments, mode):
     return out.to(dt)
 
 
-@register_backend("whiten_apply", "cpp")
-def _whiten_apply_cpp(x, mask, moments, mode):
-    mod = _native.cpu_module()
-    xc = _native_float("x", x)
-    m = mask.bool().contiguous() if mask is not None else None
-    mo = moments.to(torch.float64).contiguous()
-    out = torch.empty(xc.shape, dtype=_acc(x))
-    eps = ref.WHITEN_STEP_EPS if mode == "step" else ref.WHITEN_TOKEN_EPS
-    mod.whiten_apply_cpu(xc.data_ptr(), _native.dtype_code("x", xc), m.data_ptr() if m is not None else 0,
-                         xc.numel(), mo.data_ptr(), 0 if mode == "step" else 1, eps, out.data_ptr(),
-                         _native.dtype_code("out", out))
-    return out
-
-
-@register_backend("whiten_apply", "cuda")
-def _whiten_apply_cuda(x, mask, moments, mode):
-    mod = _native.cuda_module()
-    xc = _native_float("x", x)
-    m = mask.bool().contiguous() if mask is not None else None
-    mo = moments.to(torch.float64).contiguous()
-    out = torch.empty(xc.shape, dtype=_acc(x), device=x.device)
-    eps = ref.WHITEN_STEP_EPS if mode == "step" else ref.WHITEN_TOKEN_EPS
-    mod.whiten_apply_cuda(xc.data_ptr(), _native.dtype_code("x", xc), m.data_ptr() if m is not None else 0,
-                          xc.numel(), mo.data_ptr(), 0 if mode == "step" else 1, eps, out.data_ptr(),
-                          _native.dtype_code("out", out), *_on_device(xc))
-    return out
+@_register_native("whiten_apply")
+def _whiten_apply_native(kind):
+    def impl(x, mask, moments, mode):
+        xc = _native_float("x", x)
+        m = mask.bool().contiguous() if mask is not None else None
+        mo = moments.to(torch.float64).contiguous()
+        out = torch.empty(xc.shape, dtype=_acc(x), device=x.device)
+        eps = ref.WHITEN_STEP_EPS if mode == "step" else ref.WHITEN_TOKEN_EPS
+        _launch(kind, "whiten_apply", xc, xc.data_ptr(), _native.dtype_code("x", xc),
+                m.data_ptr() if m is not None else 0, xc.numel(), mo.data_ptr(), 0 if mode == "step" else 1, eps,
+                out.data_ptr(), _native.dtype_code("out", out))
+        return out
+    return impl
 
 
 def whiten(x: Tensor, mask: Optional[Tensor] = None, mode: str = "step", process_group=None,
