@@ -48,7 +48,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("whiten_moments_cuda_workspace", &steppo::whiten_moments_cuda_workspace, arg("n"),
         "Doubles of device workspace whiten_moments_cuda needs.");
   m.def("whiten_moments_cuda", &steppo::whiten_moments_cuda, arg("x"), arg("x_dtype"), arg("mask"), arg("n"),
-        arg("workspace"), arg("out"), arg("stream"), arg("device"), nogil,
+        arg("out"), arg("workspace"), arg("stream"), arg("device"), nogil,
         "(count, sum, sum of squares) in float64, in a fixed order.");
   m.def("whiten_apply_cuda", &steppo::whiten_apply_cuda, arg("x"), arg("x_dtype"), arg("mask"), arg("n"),
         arg("moments"), arg("mode"), arg("eps"), arg("out"), arg("out_dtype"), arg("stream"), arg("device"), nogil,
@@ -56,7 +56,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("group_advantage_cuda_workspace", &steppo::group_advantage_cuda_workspace, arg("n"), arg("device"),
         "Bytes of device workspace group_advantage_cuda needs.");
   m.def("group_advantage_cuda", &steppo::group_advantage_cuda, arg("values"), arg("values_dtype"), arg("group"),
-        arg("subkey"), arg("n"), arg("norm"), arg("singleton"), arg("eps"), arg("workspace"), arg("workspace_bytes"),
-        arg("out"), arg("out_dtype"), arg("stream"), arg("device"), nogil,
+        arg("subkey"), arg("n"), arg("norm"), arg("singleton"), arg("eps"), arg("out"), arg("out_dtype"),
+        arg("workspace"), arg("workspace_bytes"), arg("stream"), arg("device"), nogil,
         "Group normalisation over groups of equal (group, subkey).");
 }

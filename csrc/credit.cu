@@ -309,7 +309,7 @@ void token_gae_cuda(uintptr_t rewards, int rewards_dtype, uintptr_t values, int 
 
 int64_t whiten_moments_cuda_workspace(int64_t n) { return 3 * moments_blocks(n); }
 
-void whiten_moments_cuda(uintptr_t x, int x_dtype, uintptr_t mask, int64_t n, uintptr_t workspace, uintptr_t out,
+void whiten_moments_cuda(uintptr_t x, int x_dtype, uintptr_t mask, int64_t n, uintptr_t out, uintptr_t workspace,
                          uintptr_t stream, int device) {
   enter(device);
   check_in_dtype("x", x_dtype);
@@ -344,8 +344,8 @@ int64_t group_advantage_cuda_workspace(int64_t n, int device) {
 }
 
 void group_advantage_cuda(uintptr_t values, int values_dtype, uintptr_t group, uintptr_t subkey, int64_t n,
-                          int norm, int singleton, double eps, uintptr_t workspace, int64_t workspace_bytes,
-                          uintptr_t out, int out_dtype, uintptr_t stream, int device) {
+                          int norm, int singleton, double eps, uintptr_t out, int out_dtype, uintptr_t workspace,
+                          int64_t workspace_bytes, uintptr_t stream, int device) {
   enter(device);
   check_in_dtype("values", values_dtype);
   check_out_dtype("out", out_dtype);

@@ -24,7 +24,7 @@ void token_gae_cuda(uintptr_t rewards, int rewards_dtype, uintptr_t values, int 
 int64_t whiten_moments_cuda_workspace(int64_t n);
 
 // `workspace`: whiten_moments_cuda_workspace(n) doubles on the device. out: 3 doubles.
-void whiten_moments_cuda(uintptr_t x, int x_dtype, uintptr_t mask, int64_t n, uintptr_t workspace, uintptr_t out,
+void whiten_moments_cuda(uintptr_t x, int x_dtype, uintptr_t mask, int64_t n, uintptr_t out, uintptr_t workspace,
                          uintptr_t stream, int device);
 
 // `moments` stays on the device: the scale is computed by the kernel, never on the host.
@@ -37,7 +37,7 @@ int64_t group_advantage_cuda_workspace(int64_t n, int device);
 // Groups by a stable radix sort of (group, subkey) with CUB, then one thread per group walks its
 // members in sorted order. `workspace`: group_advantage_cuda_workspace(...) bytes on the device.
 void group_advantage_cuda(uintptr_t values, int values_dtype, uintptr_t group, uintptr_t subkey, int64_t n,
-                          int norm, int singleton, double eps, uintptr_t workspace, int64_t workspace_bytes,
-                          uintptr_t out, int out_dtype, uintptr_t stream, int device);
+                          int norm, int singleton, double eps, uintptr_t out, int out_dtype, uintptr_t workspace,
+                          int64_t workspace_bytes, uintptr_t stream, int device);
 
 }  // namespace steppo

@@ -623,27 +623,21 @@ def _whiten_moments_ref(x, mask):
     return torch.stack([cnt, xd.sum(), (xd * xd).sum()])
 
 
-@register_backend("whiten_moments", "cpp")
-def _whiten_moments_cpp(x, mask):
-    mod = _native.cpu_module()
-    xc = _native_float("x", x)
-    m = mask.bool().contiguous() if mask is not None else None
-    out = torch.empty(3, dtype=torch.float64)
-    mod.whiten_moments_cpu(xc.data_ptr(), _native.dtype_code("x", xc), m.data_ptr() if m is not None else 0,
-                           xc.numel(), out.data_ptr())
-    return out
-
-
-@register_backend("whiten_moments", "cuda")
-def _whiten_moments_cuda(x, mask):
-    mod = _native.cuda_module()
-    xc = _native_float("x", x)
-    m = mask.bool().contiguous() if mask is not None else None
-    work = torch.empty(mod.whiten_moments_cuda_workspace(xc.numel()), dtype=torch.float64, device=x.device)
-    out = torch.empty(3, dtype=torch.float64, device=x.device)
-    mod.whiten_moments_cuda(xc.data_ptr(), _native.dtype_code("x", xc), m.data_ptr() if m is not None else 0,
-                            xc.numel(), work.data_ptr(), out.data_ptr(), *_on_device(xc))
-    return out
+@_register_native("whiten_moments")
+def _whiten_moments_native(kind):
+    def impl(x, mask):
+        xc = _native_float("x", x)
+        m = mask.bool().contiguous() if mask is not None else None
+        out = torch.empty(3, dtype=torch.float64, device=x.device)
+        work, ws = (), None
+        if kind == "cuda":  # per-block partial sums; ws stays referenced until the launch is queued
+            ws = torch.empty(_native.cuda_module().whiten_moments_cuda_workspace(xc.numel()), dtype=torch.float64,
+                             device=x.device)
+            work = (ws.data_ptr(),)
+        _launch(kind, "whiten_moments", xc, xc.data_ptr(), _native.dtype_code("x", xc),
+                m.data_ptr() if m is not None else 0, xc.numel(), out.data_ptr(), *work)
+        return out
+    return impl
 
 
 @torch.library.custom_op("steppo_fast::whiten_apply", mutates_args=())
@@ -745,34 +739,23 @@ def _group_advantage_ref(values, group, subkey, norm, singleton, eps):
     return ref.group_normalize(values, gid, norm, singleton, eps)
 
 
-@register_backend("group_advantage", "cpp")
-def _group_advantage_cpp(values, group, subkey, norm, singleton, eps):
-    mod = _native.cpu_module()
-    v = _native_float("values", values)
-    g = _native_index(group, torch.int64)
-    k = _native_index(subkey, torch.int64) if subkey is not None else None
-    out = torch.empty(v.shape, dtype=_acc(values))
-    mod.group_advantage_cpu(v.data_ptr(), _native.dtype_code("values", v), g.data_ptr(),
-                            k.data_ptr() if k is not None else 0, v.numel(), GROUP_NORMS.index(norm),
-                            SINGLETONS.index(singleton), float(eps), out.data_ptr(), _native.dtype_code("out", out))
-    return out
-
-
-@register_backend("group_advantage", "cuda")
-def _group_advantage_cuda(values, group, subkey, norm, singleton, eps):
-    mod = _native.cuda_module()
-    v = _native_float("values", values)
-    g = _native_index(group, torch.int64)
-    k = _native_index(subkey, torch.int64) if subkey is not None else None
-    out = torch.empty(v.shape, dtype=_acc(values), device=v.device)
-    stream, dev = _on_device(v)
-    nbytes = mod.group_advantage_cuda_workspace(v.numel(), dev)
-    work = torch.empty(nbytes, dtype=torch.uint8, device=v.device)
-    mod.group_advantage_cuda(v.data_ptr(), _native.dtype_code("values", v), g.data_ptr(),
-                             k.data_ptr() if k is not None else 0, v.numel(), GROUP_NORMS.index(norm),
-                             SINGLETONS.index(singleton), float(eps), work.data_ptr(), nbytes, out.data_ptr(),
-                             _native.dtype_code("out", out), stream, dev)
-    return out
+@_register_native("group_advantage")
+def _group_advantage_native(kind):
+    def impl(values, group, subkey, norm, singleton, eps):
+        v = _native_float("values", values)
+        g = _native_index(group, torch.int64)
+        k = _native_index(subkey, torch.int64) if subkey is not None else None
+        out = torch.empty(v.shape, dtype=_acc(values), device=v.device)
+        work, ws = (), None
+        if kind == "cuda":  # radix-sort keys, indices and CUB temporary storage
+            nbytes = _native.cuda_module().group_advantage_cuda_workspace(v.numel(), v.device.index or 0)
+            ws = torch.empty(nbytes, dtype=torch.uint8, device=v.device)
+            work = (ws.data_ptr(), nbytes)
+        _launch(kind, "group_advantage", v, v.data_ptr(), _native.dtype_code("values", v), g.data_ptr(),
+                k.data_ptr() if k is not None else 0, v.numel(), GROUP_NORMS.index(norm), SINGLETONS.index(singleton),
+                float(eps), out.data_ptr(), _native.dtype_code("out", out), *work)
+        return out
+    return impl
 
 
 def group_advantage(values: Tensor, group: Tensor, subkey: Optional[Tensor] = None, norm: str = "mean_std",
