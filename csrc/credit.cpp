@@ -92,11 +92,17 @@ void gae_sweep(int64_t begin, int64_t end, Index idx, const void* r, const void*
   }
 }
 
+// Runs body(I{}, O{}) with the input and output dtypes fixed.
+template <typename F>
+void with_in_out(const char* name, int in_dtype, int out_dtype, F&& body) {
+  with_in(name, in_dtype, [&](auto it) { with_out(out_dtype, [&](auto ot) { body(it, ot); }); });
+}
+
 // Runs body(R{}, V{}, O{}) with the three dtypes fixed.
 template <typename F>
 void with_gae_types(const char* r_name, int r_dtype, const char* v_name, int v_dtype, int out_dtype, F&& body) {
   with_in(r_name, r_dtype, [&](auto rt) {
-    with_in(v_name, v_dtype, [&](auto vt) { with_out(out_dtype, [&](auto ot) { body(rt, vt, ot); }); });
+    with_in_out(v_name, v_dtype, out_dtype, [&](auto vt, auto ot) { body(rt, vt, ot); });
   });
 }
 
@@ -112,13 +118,11 @@ void broadcast_to_tokens_cpu(uintptr_t step_values, int values_dtype, uintptr_t 
   const int32_t* ts = reinterpret_cast<const int32_t*>(token_step);
   void* o = reinterpret_cast<void*>(out);
   advise_out(o, n, out_dtype);
-  with_in("step_values", values_dtype, [&](auto in) {
-    with_out(out_dtype, [&](auto ot) {
-      using I = decltype(in);
-      using O = decltype(ot);
+  with_in_out("step_values", values_dtype, out_dtype, [&](auto it, auto ot) {
+    using I = decltype(it);
+    using O = decltype(ot);
 #pragma omp parallel for schedule(static)
-      for (int64_t t = 0; t < n; ++t) O::set(o, t, ts[t] >= 0 ? I::at(v, ts[t]) : 0.0);
-    });
+    for (int64_t t = 0; t < n; ++t) O::set(o, t, ts[t] >= 0 ? I::at(v, ts[t]) : 0.0);
   });
 }
 
@@ -223,22 +227,20 @@ void whiten_apply_cpu(uintptr_t x, int x_dtype, uintptr_t mask, int64_t n, uintp
   const bool* m = reinterpret_cast<const bool*>(mask);
   void* o = reinterpret_cast<void*>(out);
   advise_out(o, n, out_dtype);
-  with_in("x", x_dtype, [&](auto in) {
-    with_out(out_dtype, [&](auto ot) {
-      using I = decltype(in);
-      using O = decltype(ot);
-      if (m == nullptr) {
+  with_in_out("x", x_dtype, out_dtype, [&](auto it, auto ot) {
+    using I = decltype(it);
+    using O = decltype(ot);
+    if (m == nullptr) {
 #pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < n; ++i) O::set(o, i, (I::at(xp, i) - mean) * scale);
-      } else {
-        const uint8_t* mb = reinterpret_cast<const uint8_t*>(m);
+      for (int64_t i = 0; i < n; ++i) O::set(o, i, (I::at(xp, i) - mean) * scale);
+    } else {
+      const uint8_t* mb = reinterpret_cast<const uint8_t*>(m);
 #pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < n; ++i) {
-          const double y = (I::at(xp, i) - mean) * scale;  // computed for every element, then selected
-          O::set(o, i, mb[i] != 0 ? y : 0.0);
-        }
+      for (int64_t i = 0; i < n; ++i) {
+        const double y = (I::at(xp, i) - mean) * scale;  // computed for every element, then selected
+        O::set(o, i, mb[i] != 0 ? y : 0.0);
       }
-    });
+    }
   });
 }
 
@@ -264,37 +266,35 @@ void group_advantage_cpu(uintptr_t values, int values_dtype, uintptr_t group, ui
   }
   starts.push_back(n);
   const int64_t num_groups = static_cast<int64_t>(starts.size()) - 1;
-  with_in("values", values_dtype, [&](auto in) {
-    with_out(out_dtype, [&](auto ot) {
-      using I = decltype(in);
-      using O = decltype(ot);
+  with_in_out("values", values_dtype, out_dtype, [&](auto it, auto ot) {
+    using I = decltype(it);
+    using O = decltype(ot);
 #pragma omp parallel for schedule(dynamic, 256)
-      for (int64_t q = 0; q < num_groups; ++q) {
-        const int64_t b = starts[q], e = starts[q + 1];
-        const double cnt = static_cast<double>(e - b);
-        if (e - b == 1) {
-          const double x = I::at(v, order[b]);
-          O::set(o, order[b], singleton == 1 ? 0.0 : (norm == 0 ? x / (1.0 + eps) : x));
-          continue;
-        }
-        double sum = 0.0;
-        for (int64_t i = b; i < e; ++i) sum += I::at(v, order[i]);
-        const double mean = sum / cnt;
-        double inv_std = 1.0;
-        if (norm == 0) {
-          double dev2 = 0.0;
-          for (int64_t i = b; i < e; ++i) {
-            const double d = I::at(v, order[i]) - mean;
-            dev2 += d * d;
-          }
-          inv_std = 1.0 / (std::sqrt(dev2 / (cnt - 1.0)) + eps);
-        }
+    for (int64_t q = 0; q < num_groups; ++q) {
+      const int64_t b = starts[q], e = starts[q + 1];
+      const double cnt = static_cast<double>(e - b);
+      if (e - b == 1) {
+        const double x = I::at(v, order[b]);
+        O::set(o, order[b], singleton == 1 ? 0.0 : (norm == 0 ? x / (1.0 + eps) : x));
+        continue;
+      }
+      double sum = 0.0;
+      for (int64_t i = b; i < e; ++i) sum += I::at(v, order[i]);
+      const double mean = sum / cnt;
+      double inv_std = 1.0;
+      if (norm == 0) {
+        double dev2 = 0.0;
         for (int64_t i = b; i < e; ++i) {
           const double d = I::at(v, order[i]) - mean;
-          O::set(o, order[i], norm == 0 ? d * inv_std : (norm == 1 ? d : cnt * d / (cnt - 1.0)));
+          dev2 += d * d;
         }
+        inv_std = 1.0 / (std::sqrt(dev2 / (cnt - 1.0)) + eps);
       }
-    });
+      for (int64_t i = b; i < e; ++i) {
+        const double d = I::at(v, order[i]) - mean;
+        O::set(o, order[i], norm == 0 ? d * inv_std : (norm == 1 ? d : cnt * d / (cnt - 1.0)));
+      }
+    }
   });
 }
 
