@@ -193,25 +193,27 @@ void chunk_accumulate(const double* buf, int64_t n, double shift, bool with_entr
   *t += tt;
 }
 
-// buf[i] <- (-g_logp p_i - g_H p_i (log p_i + H)) / tau with log p_i = u_i - lse, in place.
-STEPPO_CLONES void chunk_grad(float* buf, int64_t n, float lse, float ent, float g_logp, float g_ent,
-                              float inv_tau, bool with_entropy) {
+// buf[i] <- (-g_logp p_i - g_H p_i (log p_i + H)) / tau with log p_i = u_i - lse, in place. lse comes as
+// lse_hi + lse_lo (the float64 lse split in two floats): u - lse_hi is exact where p is not tiny (Sterbenz),
+// so log p keeps its precision instead of inheriting the rounding of lse to float (up to 2^-24 |lse|).
+STEPPO_CLONES void chunk_grad(float* buf, int64_t n, float lse_hi, float lse_lo, float ent, float g_logp,
+                              float g_ent, float inv_tau, bool with_entropy) {
   if (with_entropy) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const float lp = buf[i] - lse;
+      const float lp = (buf[i] - lse_hi) - lse_lo;
       const float p = exp_f(lp);
       const float term = p > 0.0f ? p * (lp + ent) : 0.0f;
       buf[i] = (-g_logp * p - g_ent * term) * inv_tau;
     }
   } else {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) buf[i] = -g_logp * exp_f(buf[i] - lse) * inv_tau;
+    for (int64_t i = 0; i < n; ++i) buf[i] = -g_logp * exp_f((buf[i] - lse_hi) - lse_lo) * inv_tau;
   }
 }
 
-void chunk_grad(double* buf, int64_t n, double lse, double ent, double g_logp, double g_ent, double inv_tau,
-                bool with_entropy) {
+void chunk_grad(double* buf, int64_t n, double lse, double /*lse_lo*/, double ent, double g_logp, double g_ent,
+                double inv_tau, bool with_entropy) {
   for (int64_t i = 0; i < n; ++i) {
     const double lp = buf[i] - lse;
     const double p = std::exp(lp);
@@ -239,7 +241,7 @@ inline int64_t label_at(const void* labels, int dtype, int64_t r) {
 template <typename T>
 void forward_rows(const T* logits, int64_t n, int64_t vocab, int64_t rpb, int64_t sb, int64_t st,
                   const void* labels, int labels_dtype, const bool* mask, double temperature, bool with_entropy,
-                  Acc<T>* out_logp, Acc<T>* out_ent, Acc<T>* out_lse) {
+                  Acc<T>* out_logp, Acc<T>* out_ent, double* out_lse) {
   using A = Acc<T>;
   const Rows<T> rows{logits, rpb, sb, st};
   const A inv_tau = static_cast<A>(1.0 / temperature);
@@ -284,7 +286,7 @@ void forward_rows(const T* logits, int64_t n, int64_t vocab, int64_t rpb, int64_
       const A e_y = exp_scalar(d_y);
       const A s_all = s + e_y;
       const A log_s = std::log(s_all);
-      out_lse[r] = shift + log_s;
+      out_lse[r] = static_cast<double>(shift) + static_cast<double>(log_s);  // exact: kept in float64
       out_logp[r] = e_y >= s ? -std::log1p(s / e_y) : d_y - log_s;
       if (with_entropy) {
         const A t_all = t + (e_y > 0 ? e_y * d_y : A(0));
@@ -299,7 +301,7 @@ void forward_rows(const T* logits, int64_t n, int64_t vocab, int64_t rpb, int64_
 template <typename T>
 void backward_rows(const T* logits, int64_t n, int64_t vocab, int64_t rpb, int64_t sb, int64_t st,
                    const void* labels, int labels_dtype, const bool* mask, const Acc<T>* logp, const Acc<T>* ent,
-                   const Acc<T>* lse, const Acc<T>* g_logp, const Acc<T>* g_ent, double temperature,
+                   const double* lse, const Acc<T>* g_logp, const Acc<T>* g_ent, double temperature,
                    bool with_entropy, T* grad, int64_t gsb, int64_t gst) {
   using A = Acc<T>;
   const Rows<T> rows{logits, rpb, sb, st};
@@ -318,10 +320,12 @@ void backward_rows(const T* logits, int64_t n, int64_t vocab, int64_t rpb, int64
       const A gl = g_logp[r];
       const A gh = with_entropy ? g_ent[r] : A(0);
       const A h = with_entropy ? ent[r] : A(0);
+      const A lse_hi = static_cast<A>(lse[r]);
+      const A lse_lo = static_cast<A>(lse[r] - static_cast<double>(lse_hi));
       for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
         const int64_t len = std::min(kChunk, vocab - c0);
         load_chunk(z + c0, len, inv_tau, buf.data());
-        chunk_grad(buf.data(), len, lse[r], h, gl, gh, inv_tau, with_entropy);
+        chunk_grad(buf.data(), len, lse_hi, lse_lo, h, gl, gh, inv_tau, with_entropy);
         store_chunk(buf.data(), len, g + c0);
       }
       // The label's entry from the saved logp: 1 - p = -expm1(logp) keeps its precision near p = 1.
@@ -367,7 +371,7 @@ void token_logprobs_cpu(uintptr_t logits, int logits_dtype, int64_t n, int64_t v
     forward_rows<T>(reinterpret_cast<const T*>(logits), n, vocab, rows_per_batch, stride_b, stride_t,
                     reinterpret_cast<const void*>(labels), labels_dtype, reinterpret_cast<const bool*>(mask),
                     temperature, with_entropy, reinterpret_cast<A*>(logp), reinterpret_cast<A*>(entropy),
-                    reinterpret_cast<A*>(lse));
+                    reinterpret_cast<double*>(lse));
   });
 }
 
@@ -385,7 +389,7 @@ void token_logprobs_backward_cpu(uintptr_t logits, int logits_dtype, int64_t n, 
     backward_rows<T>(reinterpret_cast<const T*>(logits), n, vocab, rows_per_batch, stride_b, stride_t,
                      reinterpret_cast<const void*>(labels), labels_dtype, reinterpret_cast<const bool*>(mask),
                      reinterpret_cast<const A*>(logp), reinterpret_cast<const A*>(entropy),
-                     reinterpret_cast<const A*>(lse), reinterpret_cast<const A*>(grad_logp),
+                     reinterpret_cast<const double*>(lse), reinterpret_cast<const A*>(grad_logp),
                      reinterpret_cast<const A*>(grad_entropy), temperature, with_entropy, reinterpret_cast<T*>(grad),
                      grad_stride_b, grad_stride_t);
   });

@@ -99,7 +99,8 @@ def _token_logprobs_fwd_kernel(
             log1p_x = tl.where(one_x == 1.0, x, tl.log(one_x) * (x / (one_x - 1.0)))
             logp = tl.where(e_y >= s, -log1p_x, d_y - log_s)
             tl.store(logp_ptr + r, logp)
-            tl.store(lse_ptr + r, shift + log_s)
+            # float64: u - lse in the backward must not inherit a float rounding of lse (2^-24 |lse|).
+            tl.store(lse_ptr + r, shift.to(tl.float64) + log_s.to(tl.float64))
             if WITH_ENTROPY:
                 t_all = t + tl.where(e_y > 0.0, e_y * d_y, 0.0)
                 tl.store(ent_ptr + r, log_s - t_all / s_all)
@@ -108,7 +109,7 @@ def _token_logprobs_fwd_kernel(
         else:
             tl.store(logp_ptr + r, tl.full([], 0.0, ACC))
             tl.store(ent_ptr + r, tl.full([], 0.0, ACC))
-            tl.store(lse_ptr + r, tl.full([], 0.0, ACC))
+            tl.store(lse_ptr + r, tl.full([], 0.0, tl.float64))
 
 
 @triton.jit
@@ -129,7 +130,9 @@ def _token_logprobs_bwd_kernel(
         if keep:
             base = logits_ptr + (r // rows_per_batch) * stride_b + (r % rows_per_batch) * stride_t
             y = tl.load(labels_ptr + r).to(tl.int64)
-            lse = tl.load(lse_ptr + r)
+            lse = tl.load(lse_ptr + r)  # float64, split in two ACC values: u - lse_hi is exact near the max
+            lse_hi = lse.to(ACC)
+            lse_lo = (lse - lse_hi.to(tl.float64)).to(ACC)
             lp_y = tl.load(logp_ptr + r)
             g_lp = tl.load(glogp_ptr + r).to(ACC)
             p_y = tl.exp(lp_y)
@@ -146,7 +149,7 @@ def _token_logprobs_bwd_kernel(
                 cols = c0 + tl.arange(0, BLOCK_V).to(tl.int64)
                 valid = cols < vocab
                 u = tl.load(base + cols, mask=valid, other=0.0).to(ACC) * inv_tau
-                lp = u - lse
+                lp = (u - lse_hi) - lse_lo
                 p = tl.exp(lp)
                 g = -g_lp * p
                 if WITH_ENTROPY:
@@ -175,7 +178,7 @@ def _acc(logits: torch.Tensor):
 
 
 def token_logprobs_fwd(logits, labels, mask, temperature: float, with_entropy: bool):
-    """(logp, entropy, lse), each (N,) float32 (float64 for float64 logits).
+    """(logp, entropy, lse), each (N,): logp and entropy float32 (float64 for float64 logits), lse float64.
 
     logits: (N, V) or (B, T, V) float32/bfloat16/float16/float64 with a contiguous last dim;
     labels: (N,) int32/int64 contiguous; mask: (N,) bool contiguous.
@@ -184,7 +187,7 @@ def token_logprobs_fwd(logits, labels, mask, temperature: float, with_entropy: b
     acc_tl, acc_torch = _acc(logits)
     logp = torch.empty(n, dtype=acc_torch, device=logits.device)
     ent = torch.empty_like(logp)
-    lse = torch.empty_like(logp)
+    lse = torch.empty(n, dtype=torch.float64, device=logits.device)
     if n == 0:
         return logp, ent, lse
     block, warps = _config(vocab)

@@ -164,13 +164,13 @@ def _token_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, temperature: f
 def _(logits, labels, mask, temperature, with_entropy, inplace_backward, backend):
     n = labels.shape[0]
     dt = _acc(logits)
-    return logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt)
+    return logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=torch.float64)
 
 
 @register_backend("token_logprobs", "reference")
 def _token_logprobs_ref(logits, labels, mask, temperature, with_entropy):
     logp, ent, lse = ref.token_logprob_stats(_rows(logits), labels, mask, temperature)
-    return logp, (ent if with_entropy else torch.zeros_like(ent)), lse
+    return logp, (ent if with_entropy else torch.zeros_like(ent)), lse.double()
 
 
 @register_backend("token_logprobs", "cpp")
@@ -179,7 +179,8 @@ def _token_logprobs_cpp(logits, labels, mask, temperature, with_entropy):
     z = _unit_vocab_stride(logits)
     n, vocab, rpb, sb, st = row_geometry(z)
     dt = _acc(z)
-    logp, ent, lse = (torch.empty(n, dtype=dt) for _ in range(3))
+    logp, ent = (torch.empty(n, dtype=dt) for _ in range(2))
+    lse = torch.empty(n, dtype=torch.float64)
     if n:
         y, m = labels.contiguous(), mask.contiguous()
         mod.token_logprobs_cpu(
@@ -249,10 +250,11 @@ def _token_logprobs_backward_cpp(logits, labels, mask, logp, entropy, lse, grad_
         y, m = labels.contiguous(), mask.contiguous()
         gl = grad_logp.to(dt).contiguous()
         ge = grad_entropy.to(dt).contiguous()
+        lse64 = lse.to(torch.float64).contiguous()
         mod.token_logprobs_backward_cpu(
             z.data_ptr(), _native.dtype_code("logits", z), n, vocab, rpb, sb, st,
             _native.ptr("labels", y), _native.dtype_code("labels", y), _native.ptr("mask", m, torch.bool),
-            _native.ptr("logp", logp, dt), _native.ptr("entropy", entropy, dt), _native.ptr("lse", lse, dt),
+            _native.ptr("logp", logp, dt), _native.ptr("entropy", entropy, dt), _native.ptr("lse", lse64, torch.float64),
             _native.ptr("grad_logp", gl), _native.ptr("grad_entropy", ge), float(temperature), bool(with_entropy),
             dst.data_ptr(), gsb, gst,
         )
@@ -269,7 +271,7 @@ def _token_logprobs_backward_triton(logits, labels, mask, logp, entropy, lse, gr
     dst = _unit_vocab_stride_out(out)
     dt = _acc(z)
     k.token_logprobs_bwd(z, labels.contiguous(), mask.contiguous(), logp.contiguous(), entropy.contiguous(),
-                         lse.contiguous(), grad_logp.to(dt).contiguous(), grad_entropy.to(dt).contiguous(),
+                         lse.to(torch.float64).contiguous(), grad_logp.to(dt).contiguous(), grad_entropy.to(dt).contiguous(),
                          float(temperature), bool(with_entropy), dst)
     if dst is not out:
         out.copy_(dst)
