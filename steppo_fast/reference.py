@@ -46,9 +46,13 @@ def to_fp64(*tensors: Optional[Tensor]):
 
 def _index_sum(values: Tensor, index: Tensor, size: int) -> Tensor:
     """out[i] = sum of values[j] with index[j] == i (index >= 0 only)."""
-    keep = index >= 0
     out = torch.zeros(size, dtype=values.dtype, device=values.device)
-    return out.index_add_(0, index[keep].long(), values[keep])
+    if size == 0 or values.numel() == 0:
+        return out
+    # No boolean indexing (it would synchronise with the host): off-step entries add 0 to row 0.
+    keep = index >= 0
+    vals = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return out.index_add_(0, index.clamp(min=0).long(), vals)
 
 
 def _padded(offsets: Tensor) -> Tuple[Tensor, Tensor]:
@@ -469,8 +473,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, token_step: 
         "pg_clipfrac_lower": _masked_mean(lower.to(dt), m),
         "ppo_kl": _masked_mean(-diff.detach(), m),
         "ratio_mean": _masked_mean(r, m),
-        "ratio_min": torch.where(has_any, torch.where(m, r, big).min(), zero),
-        "ratio_max": torch.where(has_any, torch.where(m, r, -big).max(), zero),
+        "ratio_min": torch.where(has_any, torch.where(m, r, big).min(), zero) if r.numel() else zero,
+        "ratio_max": torch.where(has_any, torch.where(m, r, -big).max(), zero) if r.numel() else zero,
         "entropy": ent_metric,
         "kl": kl_metric,
     }
@@ -522,6 +526,27 @@ def policy_loss_grads(logp: Tensor, old_logp: Tensor, advantages: Tensor, token_
     the log-ratio is inside its clamp (token: [-20, 20]; step: l_s <= 10), else 0.
     """
     dt, lp, adv, m, diff, l_tok = _log_ratios(logp, old_logp, advantages, token_step, num_steps, ratio_level)
+    c = aggregation_weights(token_step, num_steps, agg_mode, dt, global_num_tokens, global_num_steps, norm_constant)
+    g = policy_token_grads(lp, adv, diff, l_tok, c, ratio_level, clip_low, clip_high, dual_clip, weights, ref_logp,
+                           kl_coef, kl_type)
+    g_ent = None
+    if entropy is not None:
+        g_ent = -entropy_coef * c
+    g = torch.where(m, g, torch.zeros((), dtype=dt, device=lp.device))
+    return g, g_ent
+
+
+def policy_token_grads(lp: Tensor, adv: Tensor, diff: Tensor, l_tok: Optional[Tensor], c: Tensor, ratio_level: str,
+                       clip_low: float, clip_high: float, dual_clip: Optional[float], weights: Optional[Tensor],
+                       ref_logp: Optional[Tensor], kl_coef: float, kl_type: str) -> Tensor:
+    """dloss/dlogp_t of one token from quantities that are known token by token.
+
+    lp, adv: the token's log-prob and advantage (accumulation dtype); diff = lp - old_logp;
+    l_tok: the step's mean log-ratio on each of its tokens (step level) or None; c: the
+    aggregation weight (``aggregation_weights``). The fused linear head calls this on chunks
+    of whole steps, with c computed once for the whole batch.
+    """
+    dt = lp.dtype
     zero = torch.zeros((), dtype=dt, device=lp.device)
     if ratio_level == "token":
         ratio = torch.exp(torch.clamp(diff, -20.0, 20.0))
@@ -537,7 +562,6 @@ def policy_loss_grads(logp: Tensor, old_logp: Tensor, advantages: Tensor, token_
         dl = torch.where(adv < 0, dl * _tie_weight(loss_tok, -adv * dual_clip), dl)
     if weights is not None:
         dl = dl * weights.to(dt)
-    c = aggregation_weights(token_step, num_steps, agg_mode, dt, global_num_tokens, global_num_steps, norm_constant)
     g = c * dl * dratio
     if ref_logp is not None and kl_coef != 0.0:
         rl = ref_logp.to(dt)
@@ -555,11 +579,7 @@ def policy_loss_grads(logp: Tensor, old_logp: Tensor, advantages: Tensor, token_
             inside = ((x_raw >= -20.0) & (x_raw <= 20.0) & (kl_raw >= -10.0) & (kl_raw <= 10.0)).to(dt)
             dkl = -(torch.exp(x) - 1.0) * inside
         g = g + kl_coef * c * dkl
-    g_ent = None
-    if entropy is not None:
-        g_ent = -entropy_coef * c
-    g = torch.where(m, g, zero)
-    return g, g_ent
+    return g
 
 
 def value_loss_grad(values: Tensor, old_values: Tensor, returns: Tensor, clip: float = 0.5,
