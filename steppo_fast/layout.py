@@ -70,6 +70,9 @@ class StepLayout:
         group_ids: (G,) int64, the caller's group id of each group.
         row_step: (B,) int64 step id of each row for step rows; None for packed.
         num_steps, num_trajectories, num_groups, num_active_tokens: host ints.
+        step_token_offsets_host: ``step_token_offsets`` on the CPU, fetched with the
+            construction's one synchronisation; lets the fused linear head plan chunks of
+            whole steps without touching the device.
     """
 
     token_shape: Tuple[int, int]
@@ -87,6 +90,7 @@ class StepLayout:
     num_trajectories: int
     num_groups: int
     num_active_tokens: int
+    step_token_offsets_host: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ derived
     @property
@@ -107,6 +111,13 @@ class StepLayout:
         """(S,) int64, number of agent tokens of each step."""
         return self.step_token_offsets[1:] - self.step_token_offsets[:-1]
 
+    def host_step_token_offsets(self) -> torch.Tensor:
+        """(S+1,) int64 CPU copy of ``step_token_offsets`` (kept from construction; copied,
+        with one synchronisation, only for a layout built without it)."""
+        if self.step_token_offsets_host is None:
+            object.__setattr__(self, "step_token_offsets_host", self.step_token_offsets.cpu())
+        return self.step_token_offsets_host
+
     @property
     def traj_num_steps(self) -> torch.Tensor:
         """(R,) int64, K of each trajectory."""
@@ -122,7 +133,8 @@ class StepLayout:
         fields = {}
         for name in self.__dataclass_fields__:
             v = getattr(self, name)
-            fields[name] = v.to(device) if isinstance(v, torch.Tensor) else v
+            keep = name.endswith("_host") or not isinstance(v, torch.Tensor)
+            fields[name] = v if keep else v.to(device)
         return StepLayout(**fields)
 
     def step_values_from_tokens(self, token_values: torch.Tensor) -> torch.Tensor:
@@ -353,6 +365,7 @@ class StepLayout:
             num_trajectories=int(traj_ids.numel()),
             num_groups=int(group_ids.numel()),
             num_active_tokens=int(active.numel()),
+            step_token_offsets_host=step_token_offsets.cpu(),
         )
 
 
