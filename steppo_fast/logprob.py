@@ -104,29 +104,93 @@ def token_logprobs(logits: Tensor, labels: Tensor, mask_or_layout: MaskOrLayout 
     return logp.reshape(lead), ent.reshape(lead)
 
 
-def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask_or_layout: MaskOrLayout = None,
-                          temperature: float = 1.0, bias: Optional[Tensor] = None, validate: bool = True,
-                          backend: str = "auto") -> Tuple[Tensor, Tensor]:
-    """(logp, entropy) straight from hidden states and the lm_head weight (SPEC 2).
-
-    Args:
-        hidden: (B, T, H) or (N, H) float; weight: (V, H); bias: (V,) or None.
-    Returns:
-        (logp, entropy) shaped like labels, float32. Differentiable in hidden, weight, bias.
-    """
+def _check_head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
     if not isinstance(hidden, Tensor) or not hidden.is_floating_point():
-        raise TypeError("hidden must be a float tensor")
+        raise TypeError(f"hidden must be a float tensor, got {getattr(hidden, 'dtype', type(hidden).__name__)}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must have shape (N, H) or (B, T, H), got {tuple(hidden.shape)}")
     if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() != 2:
         raise TypeError("weight must be a 2-D float tensor (V, H)")
     if weight.device != hidden.device:
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden size mismatch: hidden has H = {hidden.shape[-1]}, weight has {weight.shape[1]}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.device != hidden.device):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},) on {hidden.device}")
+        raise ValueError(f"hidden size mismatch: hidden has H = {hidden.shape[-1]}, weight (V, H) has "
+                         f"H = {weight.shape[1]}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}; cast one of them")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],) or bias.device != hidden.device:
+            raise ValueError(f"bias must be a ({weight.shape[0]},) tensor on {hidden.device}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+
+
+def _rows_for(mask_or_layout: MaskOrLayout, mask: Tensor) -> Optional[Tensor]:
+    """Indices of the tokens to compute: a layout's step_tokens (steps contiguous), a mask's
+    True positions (one host sync to learn their number), or None for every token."""
+    if mask_or_layout is None:
+        return None
+    if isinstance(mask_or_layout, StepLayout):
+        return mask_or_layout.step_tokens
+    return torch.nonzero(mask).squeeze(1)
+
+
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask_or_layout: MaskOrLayout = None,
+                          temperature: float = 1.0, bias: Optional[Tensor] = None, chunk: Optional[int] = None,
+                          with_entropy: bool = True, validate: bool = True,
+                          backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """(logp, entropy) straight from hidden states and the lm_head weight (SPEC 2), without
+    materialising the (N, V) logits.
+
+    The forward multiplies chunks of agent tokens by the weight and keeps three floats per token;
+    the backward multiplies them again and writes grad_hidden, grad_weight and grad_bias chunk by
+    chunk (``steppo_fast.linear_head``). Masked-out tokens never enter a product.
+
+    Args:
+        hidden: (B, T, H) or (N, H), float32/bfloat16/float16 (float64 for the oracle).
+        weight: (V, H), the lm_head weight, same dtype and device; bias: (V,) or None.
+        labels: (B, T) or (N,) int32/int64; ignored on masked-out tokens (-100 is fine).
+        mask_or_layout: a StepLayout (its agent tokens; no host sync), a bool mask of labels'
+            shape (one host sync to count its tokens), or None (every token).
+        temperature: tau > 0.
+        chunk: tokens per chunk; None picks ``linear_head.auto_chunk`` (32 MiB of logits on the
+            CPU, 512 MiB on a GPU). Results do not depend on it beyond rounding.
+        with_entropy: compute the entropy (else zeros, and it gets no gradient).
+        validate: check masked-in labels lie in [0, V) (one host sync).
+    Returns:
+        (logp, entropy) shaped like labels, float32, 0 on masked-out tokens. Differentiable in
+        hidden, weight and bias; a weight that does not require grad costs no grad_W product.
+    """
+    _check_head(hidden, weight, bias)
     tau = _check_temperature(temperature)
+    chunk = _check_chunk(chunk)
     lead = tuple(hidden.shape[:-1])
     mask = _mask_for(mask_or_layout, lead, hidden.device)
     y = _check_labels(labels, lead, hidden.device, weight.shape[0], mask, validate)
-    logp, ent = ops.linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, y, mask, tau, bias, backend)
+    rows = _rows_for(mask_or_layout, mask)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    logp, ent = ops.linear_token_logprobs(h, weight, y.contiguous(), rows, tau, bias, with_entropy, chunk, backend)
     return logp.reshape(lead), ent.reshape(lead)
+
+
+def _check_chunk(chunk: Optional[int]) -> int:
+    if chunk is None:
+        return 0
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int (tokens per chunk) or None, got {chunk!r}")
+    return chunk
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0,
+                         reduction: str = "none", dist_process_group=None) -> Tuple[Tensor, Tensor]:
+    """Drop-in for verl's ``linear_cross_entropy(hidden, weight, labels, temperature, reduction)``:
+    (log_probs, entropy) of every token, float32, shaped like labels.
+
+    Only ``reduction="none"`` (what verl's actor uses) is supported. verl's tensor-parallel
+    vocabulary split (``dist_process_group``) is not: the weight must hold the whole vocabulary.
+    """
+    if reduction != "none":
+        raise ValueError(f"reduction must be 'none' (per-token log-probs and entropy), got {reduction!r}")
+    if dist_process_group is not None:
+        raise ValueError("dist_process_group is not supported: pass the full (V, H) lm_head weight")
+    return linear_token_logprobs(hidden, weight, labels, None, temperature)

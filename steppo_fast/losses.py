@@ -7,7 +7,9 @@ step ids, and name the metrics. Nothing here synchronises with the host.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -125,6 +127,142 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask_or_layo
                            _host_number("global_num_tokens", global_num_tokens),
                            _host_number("global_num_steps", global_num_steps),
                            _host_number("norm_constant", norm_constant), backend)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The options of the policy loss (SPEC 7), checked on construction.
+
+    ``LossConfig()`` is the ``steppo`` preset: step ratio, ``seq-mean-token-mean``, clip
+    0.2/0.2, no dual clip, no entropy bonus, no KL. ``LossConfig.preset("ppo")`` is the same
+    with the token ratio. global_num_tokens / global_num_steps are data-parallel counts (host
+    numbers); norm_constant divides "seq-mean-token-sum-norm" (default: the layout's T).
+    """
+
+    ratio_level: str = "step"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: Optional[float] = None
+    agg_mode: str = "seq-mean-token-mean"
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+    kl_type: str = "k3"
+    global_num_tokens: Optional[float] = None
+    global_num_steps: Optional[float] = None
+    norm_constant: Optional[float] = None
+
+    PRESETS = ("steppo", "ppo")
+
+    def __post_init__(self):
+        check_loss_args(self.ratio_level, self.clip_low, self.clip_high, self.dual_clip, self.agg_mode, self.kl_type)
+        for name in ("global_num_tokens", "global_num_steps", "norm_constant"):
+            object.__setattr__(self, name, _host_number(name, getattr(self, name)))
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "LossConfig":
+        """``steppo`` (step ratio) or ``ppo`` (token ratio), with any field overridden."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"preset must be one of {cls.PRESETS}, got {name!r}")
+        base = {"steppo": {}, "ppo": {"ratio_level": "token"}}[name]
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def of(cls, config: Union[None, "LossConfig", Mapping[str, Any]]) -> "LossConfig":
+        """A LossConfig from None (the steppo preset), a LossConfig or a dict of its fields."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, Mapping):
+            unknown = sorted(set(config) - set(cls.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"loss_config has unknown options {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+            return cls(**config)
+        raise TypeError(f"loss_config must be a LossConfig, a dict or None, got {type(config).__name__}")
+
+
+def linear_steppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, layout: Union[StepLayout, Tensor],
+                       old_logp: Tensor, advantages: Tensor, loss_config=None, *, weights: Optional[Tensor] = None,
+                       ref_logp: Optional[Tensor] = None, temperature: float = 1.0, bias: Optional[Tensor] = None,
+                       chunk: Optional[int] = None, with_entropy: bool = True, fp32_weight_grad: bool = False,
+                       validate: bool = True, backend: str = "auto") -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The policy loss (SPEC 7) straight from hidden states and the lm_head weight, with every
+    gradient computed during the forward (``steppo_fast.linear_head``).
+
+    The agent tokens are multiplied by the weight in chunks of whole steps, so step ratios are
+    exact; each chunk's logits give its log-probs, the loss gradients, dL/dlogits in place and
+    both gradient products before the next chunk. The backward only scales the stored gradients
+    by grad_output. No ``.item()`` and no collective inside; memory does not grow with N x V.
+
+    Args:
+        hidden: (B, T, H) or (N, H) float; weight: (V, H) same dtype; bias: (V,) or None.
+        labels: (B, T) or (N,) int32/int64, the sampled tokens (ignored off the agent tokens).
+        layout: a StepLayout of the batch, or a (B, T) bool mask whose rows are steps (a layout
+            is built from it, which synchronises with the host).
+        old_logp, advantages: (B, T) or (N,) float, behaviour log-probs and advantages.
+        loss_config: a :class:`LossConfig`, a dict of its fields, or None (the steppo preset).
+        weights, ref_logp: optional per-token importance weights and reference log-probs.
+        chunk: agent tokens per chunk (None: ``linear_head.auto_chunk``); a step longer than a
+            chunk is split and costs one extra product for its tokens.
+        with_entropy: compute entropies (the ``entropy`` metric and the entropy bonus).
+        fp32_weight_grad: accumulate grad_weight across chunks in fp32 (bf16/fp16 weights).
+        validate: check labels of agent tokens lie in [0, V) (one host sync).
+    Returns:
+        (loss, metrics): the same 0-dim loss and metrics as ``policy_loss`` on the log-probs of
+        ``linear_token_logprobs``; differentiable in hidden, weight and bias.
+    """
+    from . import linear_head
+    from .logprob import _check_chunk, _check_head, _check_labels, _check_temperature
+
+    cfg = LossConfig.of(loss_config)
+    _check_head(hidden, weight, bias)
+    tau = _check_temperature(temperature)
+    chunk = _check_chunk(chunk)
+    lead = tuple(hidden.shape[:-1])
+    if isinstance(layout, Tensor):
+        if layout.dim() != 2 or tuple(layout.shape) != lead:
+            raise ValueError(f"layout must be a StepLayout or a (B, T) mask of hidden's leading shape {lead}, "
+                             f"got shape {tuple(layout.shape)}")
+        B = layout.shape[0]
+        rows_id = torch.arange(B, device=layout.device)
+        layout = StepLayout.from_step_rows(layout, rows_id, torch.zeros_like(rows_id), validate=False)
+    if not isinstance(layout, StepLayout):
+        raise TypeError(f"layout must be a StepLayout or a (B, T) bool mask, got {type(layout).__name__}")
+    if layout.num_tokens != math.prod(lead):
+        raise ValueError(f"the layout describes {layout.token_shape} tokens but hidden has leading shape {lead}")
+    if layout.device != hidden.device:
+        raise ValueError(f"the layout is on {layout.device} but hidden is on {hidden.device}")
+    mask = layout.token_mask
+    y = _check_labels(labels, lead, hidden.device, weight.shape[0], mask, validate)
+    flat_like = torch.empty(layout.num_tokens, device=hidden.device)
+    per_token = {}
+    for name, t in (("old_logp", old_logp), ("advantages", advantages), ("weights", weights), ("ref_logp", ref_logp)):
+        if t is None:
+            per_token[name] = None
+            continue
+        if isinstance(t, Tensor) and tuple(t.shape) == lead:
+            t = t.reshape(-1)
+        per_token[name] = _check_tok(name, t, flat_like)
+    rows = layout.step_tokens
+    gathered = {k: (None if v is None else v.index_select(0, rows)) for k, v in per_token.items()}
+    token_step = layout.token_step.index_select(0, rows)
+    if chunk == 0:
+        chunk = linear_head.auto_chunk(weight.shape[0], hidden.dtype, hidden.device)
+    step_level = cfg.ratio_level == "step"
+    offsets = layout.host_step_token_offsets().tolist() if step_level else None
+    bounds, split_step = linear_head.plan_chunks(rows.numel(), chunk, offsets)
+    norm = cfg.norm_constant
+    if norm is None and cfg.agg_mode == "seq-mean-token-sum-norm":
+        norm = float(layout.token_shape[1])
+    h = hidden.reshape(-1, hidden.shape[-1])
+    grad_on = torch.is_grad_enabled()
+    return ops.linear_policy_loss(
+        h, weight, bias, y.contiguous(), rows, token_step, layout.step_token_offsets, layout.num_steps, bounds,
+        split_step, gathered["old_logp"], gathered["advantages"], gathered["weights"], gathered["ref_logp"],
+        cfg.ratio_level, cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.agg_mode, cfg.entropy_coef, cfg.kl_coef,
+        cfg.kl_type, cfg.global_num_tokens, cfg.global_num_steps, norm, tau, with_entropy,
+        grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad, fp32_weight_grad, backend)
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Optional[Tensor] = None,

@@ -37,14 +37,21 @@ def _opcheck_samples():
     ent = torch.rand(N, requires_grad=True)
     sr = torch.randn(S)
     ts = lay.token_step
+    rows = lay.step_tokens
+    M = rows.numel()
     b = "reference"
     return {
         "token_logprobs": (logits, labels, mask, 0.9, True, False, b),
         "token_logprobs_backward": (logits.detach(), labels, mask, lp.detach(), ent.detach(), lse, torch.randn(N),
                                     torch.randn(N), 0.9, True, b),
-        "linear_token_logprobs": (hidden, weight, bias, labels, mask, 1.1, b),
-        "linear_token_logprobs_backward": (hidden.detach(), weight.detach(), None, labels, mask, torch.randn(N),
-                                           torch.randn(N), 1.0, b),
+        "linear_token_logprobs": (hidden, weight, bias, labels, rows, 1.1, True, 4, b),
+        "linear_token_logprobs_backward": (hidden.detach(), weight.detach(), None, labels, rows, lp.detach(),
+                                           ent.detach(), lse, torch.randn(N), torch.randn(N), 1.0, True, 4, True, True,
+                                           False, False, b),
+        "linear_policy_loss": (hidden, weight, bias, labels, rows, ts[rows], lay.step_token_offsets, S,
+                               [0, M // 2, M], [0, 0], torch.randn(M), torch.randn(M), None, torch.randn(M), "token",
+                               0.2, 0.2, None, "token-mean", 0.01, 0.1, "k3", None, None, None, 1.0, True, True,
+                               True, True, False, b),
         "step_rewards": (rew, ts, lay.step_tokens, lay.step_token_offsets, b),
         "broadcast_to_tokens": (sr, ts, b),
         "step_gae": (sr, torch.randn(S), lay.traj_step_offsets, 0.99, 0.95, b),
@@ -199,7 +206,7 @@ def test_differentiable_ops_match_reference_autograd():
     assert_close(g1, g2)
     h = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(13, 4, dtype=torch.float64, requires_grad=True)
-    logp, ent = ops.linear_token_logprobs(h, w, y, m, 1.0)
+    logp, ent = ops.linear_token_logprobs(h, w, y, torch.nonzero(m).squeeze(1), 1.0)
     a = torch.autograd.grad((logp * gl + ent * gh).sum(), [h, w])
     logp_r, ent_r = ref.linear_token_logprobs(h, w, y, m, 1.0)
     b = torch.autograd.grad((logp_r * gl + ent_r * gh).sum(), [h, w])
