@@ -153,8 +153,9 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask_o
         mask_or_layout: a StepLayout (its agent tokens; no host sync), a bool mask of labels'
             shape (one host sync to count its tokens), or None (every token).
         temperature: tau > 0.
-        chunk: tokens per chunk; None picks ``linear_head.auto_chunk`` (32 MiB of logits on the
-            CPU, 512 MiB on a GPU). Results do not depend on it beyond rounding.
+        chunk: tokens per chunk; None picks ``linear_head.auto_chunk`` (32 MiB of logits and at least
+            256 tokens on the CPU, 1 GiB and at least 1024 tokens on a GPU). Results do not depend on
+            it beyond rounding.
         with_entropy: compute the entropy (else zeros, and it gets no gradient).
         validate: check masked-in labels lie in [0, V) (one host sync).
     Returns:
