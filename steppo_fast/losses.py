@@ -176,7 +176,8 @@ class LossConfig:
         if isinstance(config, Mapping):
             unknown = sorted(set(config) - set(cls.__dataclass_fields__))
             if unknown:
-                raise ValueError(f"loss_config has unknown options {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+                known = sorted(cls.__dataclass_fields__)
+                raise ValueError(f"loss_config has unknown options {unknown}; known: {known}")
             return cls(**config)
         raise TypeError(f"loss_config must be a LossConfig, a dict or None, got {type(config).__name__}")
 

@@ -254,7 +254,8 @@ def _token_logprobs_backward_cpp(logits, labels, mask, logp, entropy, lse, grad_
         mod.token_logprobs_backward_cpu(
             z.data_ptr(), _native.dtype_code("logits", z), n, vocab, rpb, sb, st,
             _native.ptr("labels", y), _native.dtype_code("labels", y), _native.ptr("mask", m, torch.bool),
-            _native.ptr("logp", logp, dt), _native.ptr("entropy", entropy, dt), _native.ptr("lse", lse64, torch.float64),
+            _native.ptr("logp", logp, dt), _native.ptr("entropy", entropy, dt),
+            _native.ptr("lse", lse64, torch.float64),
             _native.ptr("grad_logp", gl), _native.ptr("grad_entropy", ge), float(temperature), bool(with_entropy),
             dst.data_ptr(), gsb, gst,
         )
@@ -271,7 +272,8 @@ def _token_logprobs_backward_triton(logits, labels, mask, logp, entropy, lse, gr
     dst = _unit_vocab_stride_out(out)
     dt = _acc(z)
     k.token_logprobs_bwd(z, labels.contiguous(), mask.contiguous(), logp.contiguous(), entropy.contiguous(),
-                         lse.to(torch.float64).contiguous(), grad_logp.to(dt).contiguous(), grad_entropy.to(dt).contiguous(),
+                         lse.to(torch.float64).contiguous(), grad_logp.to(dt).contiguous(),
+                         grad_entropy.to(dt).contiguous(),
                          float(temperature), bool(with_entropy), dst)
     if dst is not out:
         out.copy_(dst)
@@ -569,11 +571,16 @@ def _lpl_setup(ctx, inputs, output):
 
 
 def _lpl_backward(ctx, g_loss, g_metrics, g_lp, g_ent, g_gh, g_gw, g_gb):
+    # The gradients were computed in the forward. In eager mode they are scaled in place (a copy would
+    # double the memory of grad_weight at the peak); running this backward twice (retain_graph) is then
+    # refused by autograd's version check on the saved tensors, never silently double-scaled. Under
+    # tracing (torch.compile, opcheck: tensor subclasses) the scaling stays functional.
     gh, gw, gb = ctx.saved_tensors
     grads = [None] * ctx.n_inputs
     for i, g in ((0, gh), (1, gw), (2, gb)):
         if g.numel():
-            grads[i] = (g_loss * g).to(g.dtype)
+            s = g_loss.to(g.dtype)
+            grads[i] = g.mul_(s) if type(g) is torch.Tensor and type(s) is torch.Tensor else g * s
     return tuple(grads)
 
 

@@ -246,7 +246,7 @@ def _ref_loss(lay, hidden, weight, bias, labels, old, adv, cfg, extra, tau, fp64
         None if extra.get("weights") is None else extra["weights"].reshape(-1).to(dt), ent, cfg.entropy_coef,
         None if extra.get("ref_logp") is None else extra["ref_logp"].reshape(-1).to(dt), cfg.kl_coef, cfg.kl_type,
         norm_constant=float(T) if cfg.agg_mode == "seq-mean-token-sum-norm" else None)
-    grads = torch.autograd.grad(loss, [h, w, b])
+    grads = torch.autograd.grad(loss, [t for t in (h, w, b) if t is not None])
     return loss, metrics, grads
 
 
@@ -359,3 +359,15 @@ def test_bad_input_gets_clear_errors():
         sf.linear_steppo_loss(h3, w, y, lay, old[:, :-1], adv)
     with pytest.raises(ValueError, match="the layout describes"):
         sf.linear_steppo_loss(h3[:-1], w, y[:-1], lay, old[:-1], adv[:-1])
+
+
+def test_fused_loss_backward_scales_in_place_once():
+    lay, hidden, weight, bias, labels, old, adv, _ = _loss_batch(seed=6)
+    h, w = _leaves(hidden, weight)
+    loss, _ = sf.linear_steppo_loss(h, w, labels, lay, old, adv)
+    (2.0 * loss).backward(retain_graph=True)
+    _, _, want = _ref_loss(lay, hidden, weight, None, labels, old, adv, losses.LossConfig(), {}, 1.0)
+    assert_close(w.grad / 2.0, want[1], torch.float32)
+    # A second backward through the same graph would scale the stored gradients again: refused.
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
