@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: build the CUDA module, run the GPU tests, time the GPU grids.
 #
-#   OUT=results_dir benchmarks/gpu_check.sh [op ...]     (ops: advantages logprob losses; default all)
+#   OUT=results_dir benchmarks/gpu_check.sh [op ...]     (ops: advantages linear_head logprob losses; default all)
 #
 # Uses the machine's own torch and Triton (no installs): the package is imported from the
 # checkout, with its compiled modules built in place. Logs and result tables go under $OUT.
@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 ops=("$@")
-[ ${#ops[@]} -eq 0 ] && ops=(advantages logprob losses)
+[ ${#ops[@]} -eq 0 ] && ops=(advantages linear_head logprob losses)
 
 echo "== build (nvcc, sm_90)"
 STEPPO_FAST_CUDA=1 STEPPO_FAST_CUDA_ARCHS=90 python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 \
@@ -26,7 +26,7 @@ print("torch", torch.__version__, "| GPUs seen by _C_cuda:", mod.device_count(),
 PY
 
 echo "== GPU tests"
-python3 -m pytest -q -x -p no:cacheprovider tests/test_advantages.py tests/test_ops.py tests/test_logprob.py \
+python3 -m pytest -q -x -p no:cacheprovider tests/test_advantages.py tests/test_ops.py tests/test_logprob.py tests/test_linear_head.py \
   -k "cuda or triton or Triton" 2>&1 | tee "$OUT/tests.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
 

@@ -6,11 +6,12 @@ import os
 import sys
 from typing import List, Optional
 
-from . import bench_advantages, bench_logprob, bench_losses
+from . import bench_advantages, bench_linear_head, bench_logprob, bench_losses
 from .harness import markdown_table, run_cases, write_results
 
 BENCHES = {
     "advantages": bench_advantages,
+    "linear_head": bench_linear_head,
     "logprob": bench_logprob,
     "losses": bench_losses,
 }
