@@ -137,7 +137,7 @@ def _rows_for(mask_or_layout: MaskOrLayout, mask: Tensor) -> Optional[Tensor]:
 
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask_or_layout: MaskOrLayout = None,
                           temperature: float = 1.0, bias: Optional[Tensor] = None, chunk: Optional[int] = None,
-                          with_entropy: bool = True, validate: bool = True,
+                          with_entropy: bool = True, fp32_weight_grad: bool = False, validate: bool = True,
                           backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """(logp, entropy) straight from hidden states and the lm_head weight (SPEC 2), without
     materialising the (N, V) logits.
@@ -157,6 +157,8 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask_o
             256 tokens on the CPU, 1 GiB and at least 1024 tokens on a GPU). Results do not depend on
             it beyond rounding.
         with_entropy: compute the entropy (else zeros, and it gets no gradient).
+        fp32_weight_grad: accumulate grad_weight across chunks in fp32 (bf16/fp16 weights; the
+            result is rounded to the weight's dtype once, at the end).
         validate: check masked-in labels lie in [0, V) (one host sync).
     Returns:
         (logp, entropy) shaped like labels, float32, 0 on masked-out tokens. Differentiable in
@@ -170,7 +172,8 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask_o
     y = _check_labels(labels, lead, hidden.device, weight.shape[0], mask, validate)
     rows = _rows_for(mask_or_layout, mask)
     h = hidden.reshape(-1, hidden.shape[-1])
-    logp, ent = ops.linear_token_logprobs(h, weight, y.contiguous(), rows, tau, bias, with_entropy, chunk, backend)
+    logp, ent = ops.linear_token_logprobs(h, weight, y.contiguous(), rows, tau, bias, with_entropy, chunk,
+                                          fp32_weight_grad, backend)
     return logp.reshape(lead), ent.reshape(lead)
 
 

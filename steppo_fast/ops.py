@@ -346,13 +346,14 @@ def _rows_mask(rows: Optional[Tensor], n: int, device) -> Optional[Tensor]:
 @torch.library.custom_op("steppo_fast::linear_token_logprobs", mutates_args=())
 def _linear_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                            rows: Optional[Tensor], temperature: float, with_entropy: bool, chunk: int,
-                           backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                           fp32_weight_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    # fp32_weight_grad is used by the backward only (grad_W accumulated across chunks in fp32).
     return _run("linear_token_logprobs", hidden.device, backend, hidden, weight, bias, labels, rows, temperature,
                 with_entropy, chunk)
 
 
 @_linear_token_logprobs.register_fake
-def _(hidden, weight, bias, labels, rows, temperature, with_entropy, chunk, backend):
+def _(hidden, weight, bias, labels, rows, temperature, with_entropy, chunk, fp32_weight_grad, backend):
     dt = _acc(hidden, weight, bias)
     n = hidden.shape[0]
     return hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=torch.float64)
@@ -428,11 +429,11 @@ def _linear_token_logprobs_backward_ref(hidden, weight, bias, labels, rows, logp
 
 
 def _ltlp_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, rows, temperature, with_entropy, chunk, backend = inputs
+    hidden, weight, bias, labels, rows, temperature, with_entropy, chunk, fp32_weight_grad, backend = inputs
     logp, ent, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, rows, logp, ent, lse)
     ctx.opts = (temperature, with_entropy, chunk)
-    ctx.backend = backend
+    ctx.fp32_weight_grad, ctx.backend = fp32_weight_grad, backend
 
 
 def _ltlp_backward(ctx, g_logp, g_ent, g_lse):
@@ -441,8 +442,9 @@ def _ltlp_backward(ctx, g_logp, g_ent, g_lse):
     g_logp = g_logp if g_logp is not None else torch.zeros_like(logp)
     g_ent = g_ent if g_ent is not None else torch.zeros_like(ent)
     gh, gw, gb = _linear_token_logprobs_backward(hidden, weight, bias, labels, rows, logp, ent, lse, g_logp, g_ent,
-                                                 *ctx.opts, need_h, need_w, need_b, False, ctx.backend)
-    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 6
+                                                 *ctx.opts, need_h, need_w, need_b, ctx.fp32_weight_grad,
+                                                 ctx.backend)
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 7
 
 
 _linear_token_logprobs.register_autograd(_ltlp_backward, setup_context=_ltlp_setup)
@@ -450,15 +452,17 @@ _linear_token_logprobs.register_autograd(_ltlp_backward, setup_context=_ltlp_set
 
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, rows: Optional[Tensor] = None,
                           temperature: float = 1.0, bias: Optional[Tensor] = None, with_entropy: bool = True,
-                          chunk: int = 0, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+                          chunk: int = 0, fp32_weight_grad: bool = False,
+                          backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """(logp, entropy) from hidden (N, H) and the lm_head weight (V, H) (+ bias (V,)); SPEC 2.
 
     rows: (M,) int64 indices of the tokens to compute (each once), or None for all N; the others
     get 0 and never enter a product. chunk: rows of logits per chunk (0: ``linear_head.auto_chunk``).
+    fp32_weight_grad: accumulate grad_weight across chunks in fp32 (for bf16/fp16 weights).
     Differentiable in hidden, weight and bias; returns two (N,) float32 tensors.
     """
     logp, ent, _ = _linear_token_logprobs(hidden, weight, bias, labels, rows, float(temperature),
-                                          bool(with_entropy), int(chunk), backend)
+                                          bool(with_entropy), int(chunk), bool(fp32_weight_grad), backend)
     return logp, ent
 
 

@@ -371,3 +371,17 @@ def test_fused_loss_backward_scales_in_place_once():
     # A second backward through the same graph would scale the stored gradients again: refused.
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_fp32_weight_grad_accumulation_for_bf16_weights():
+    hidden, weight, _, labels = _head(64, 16, 23, seed=14, bias=False, dtype=torch.bfloat16)
+    _, _, (_, want) = _ref_primitive(hidden, weight, None, labels, None, 1.0, torch.ones(64), torch.zeros(64))
+    errs = {}
+    for fp32 in (False, True):
+        h, w = _leaves(hidden, weight)
+        logp, _ = sf.linear_token_logprobs(h, w, labels, chunk=1, fp32_weight_grad=fp32)
+        (gw,) = torch.autograd.grad(logp.sum(), [w])
+        assert gw.dtype == torch.bfloat16
+        errs[fp32] = (gw.double() - want).abs().max().item()
+    # 64 one-token chunks: bf16 accumulation rounds 64 times, fp32 accumulation once at the end.
+    assert errs[True] < 0.5 * errs[False], errs

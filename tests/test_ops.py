@@ -44,7 +44,7 @@ def _opcheck_samples():
         "token_logprobs": (logits, labels, mask, 0.9, True, False, b),
         "token_logprobs_backward": (logits.detach(), labels, mask, lp.detach(), ent.detach(), lse, torch.randn(N),
                                     torch.randn(N), 0.9, True, b),
-        "linear_token_logprobs": (hidden, weight, bias, labels, rows, 1.1, True, 4, b),
+        "linear_token_logprobs": (hidden, weight, bias, labels, rows, 1.1, True, 4, False, b),
         "linear_token_logprobs_backward": (hidden.detach(), weight.detach(), None, labels, rows, lp.detach(),
                                            ent.detach(), lse, torch.randn(N), torch.randn(N), 1.0, True, 4, True, True,
                                            False, False, b),
