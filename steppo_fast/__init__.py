@@ -8,13 +8,14 @@ from . import advantages, losses, ops, reference
 from .advantages import compute as compute_advantages
 from .layout import StepLayout
 from .logprob import linear_cross_entropy, linear_token_logprobs, token_logprobs
-from .losses import LossConfig, linear_steppo_loss, policy_loss, value_loss
+from .losses import LossConfig, StepPOLoss, linear_steppo_loss, policy_loss, value_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LossConfig",
     "StepLayout",
+    "StepPOLoss",
     "advantages",
     "compute_advantages",
     "linear_cross_entropy",

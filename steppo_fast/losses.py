@@ -283,3 +283,70 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Option
     if not clip > 0:
         raise ValueError(f"clip must be > 0, got {clip}")
     return ops.value_loss(values, old_values, returns, mask, clip, backend)
+
+
+class StepPOLoss(torch.nn.Module):
+    """The StepPO policy loss as a module: logits, or hidden states and the lm_head weight, in;
+    (loss, metrics) out (SPEC 2 and 7).
+
+    With logits, it chains ``token_logprobs`` (fused log-prob + entropy kernels) and
+    ``policy_loss``; with ``weight=`` (the lm_head), the fused ``linear_steppo_loss``, which never
+    materialises the logits. Backward runs through ordinary autograd either way.
+
+    Args:
+        config: a :class:`LossConfig`, a dict of its fields, a preset name ("steppo", "ppo") or
+            None (the ``steppo`` preset: step ratio, ``seq-mean-token-mean``, clip 0.2/0.2).
+        temperature: the sampling temperature the log-probs are taken at.
+        chunk: tokens per chunk of the fused head (None: automatic).
+        backend: kernel backend ("auto", "reference", "cpp", "triton", ...).
+
+    Example::
+
+        loss_fn = StepPOLoss()
+        loss, metrics = loss_fn(logits, labels, layout, old_logp, advantages)
+        loss, metrics = loss_fn(hidden, labels, layout, old_logp, advantages, weight=lm_head.weight)
+    """
+
+    def __init__(self, config=None, temperature: float = 1.0, chunk: Optional[int] = None, backend: str = "auto"):
+        super().__init__()
+        if isinstance(config, str):
+            config = LossConfig.preset(config)
+        self.config = LossConfig.of(config)
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.chunk = chunk
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, temperature={self.temperature}"
+
+    def forward(self, inputs: Tensor, labels: Tensor, layout: MaskOrLayout, old_logp: Tensor, advantages: Tensor,
+                *, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                weights: Optional[Tensor] = None, ref_logp: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Args:
+            inputs: logits (B, T, V) or (N, V); or, with ``weight``, hidden states (B, T, H) or (N, H).
+            labels: (B, T) or (N,) int, the sampled tokens.
+            layout: a StepLayout, or a bool mask of labels' shape whose rows are steps.
+            old_logp, advantages: labels' shape, float; weights, ref_logp: optional, same shape.
+            weight, bias: the lm_head (V, H) and its bias; given, ``inputs`` are hidden states.
+        Returns:
+            (loss, metrics): 0-dim loss and 0-dim metrics (see ``ops.POLICY_METRICS``).
+        """
+        from .logprob import token_logprobs
+
+        cfg = self.config
+        if weight is not None:
+            return linear_steppo_loss(inputs, weight, labels, layout, old_logp, advantages, cfg, weights=weights,
+                                      ref_logp=ref_logp, temperature=self.temperature, bias=bias, chunk=self.chunk,
+                                      backend=self.backend)
+        if bias is not None:
+            raise ValueError("bias is only used with weight= (hidden states and the lm_head)")
+        logp, ent = token_logprobs(inputs, labels, layout, self.temperature, backend=self.backend)
+        return policy_loss(logp, old_logp, advantages, layout,
+                           ratio_level=cfg.ratio_level, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                           dual_clip=cfg.dual_clip, agg_mode=cfg.agg_mode, weights=weights, entropy=ent,
+                           entropy_coef=cfg.entropy_coef, ref_logp=ref_logp, kl_coef=cfg.kl_coef,
+                           kl_type=cfg.kl_type, global_num_tokens=cfg.global_num_tokens,
+                           global_num_steps=cfg.global_num_steps, norm_constant=cfg.norm_constant,
+                           backend=self.backend)
