@@ -19,6 +19,15 @@ training averages gradients over ranks). ``rollout_is_weights`` become the per-t
 
 The math is steppo_fast's ``policy_loss``; this module only translates arguments. Metrics use
 verl's names and stay 0-dim tensors (no host synchronisation inside the loss).
+
+Credit assignment: the advantage estimator ``"step_gae"`` is registered with verl's
+``register_adv_est``. verl's ``compute_advantage`` passes estimators only the rewards, the
+mask, the config and the group uids, while step-level GAE also needs the critic values and
+which trajectory and step each row is; :func:`compute_advantage` is a drop-in for verl's that
+reads ``values`` from ``data.batch`` and ``trajectory_uids`` / ``step_indices`` from
+``data.non_tensor_batch`` (``uid`` is the group), and computes ``gae``, ``grpo`` and ``rloo`` with
+steppo_fast's kernels too (every row its own one-step trajectory, as verl has it). Other
+estimators go to verl's own ``compute_advantage``.
 """
 
 from __future__ import annotations
@@ -28,9 +37,14 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+import numpy as np
+
+from ..advantages import compute as compute_advantages
+from ..layout import StepLayout
 from ..losses import policy_loss
 
-__all__ = ["compute_policy_loss_steppo", "compute_policy_loss_steppo_token", "register"]
+__all__ = ["compute_advantage", "compute_policy_loss_steppo", "compute_policy_loss_steppo_token",
+           "compute_step_gae_advantage", "register"]
 
 
 def _cfg(config, name: str, default=None):
@@ -107,12 +121,110 @@ def compute_policy_loss_steppo_token(old_log_prob: Tensor, log_prob: Tensor, adv
                    rollout_is_weights)
 
 
+# ------------------------------------------------------------------ credit assignment
+def _row_ids(name: str, values, n: int, device) -> torch.Tensor:
+    """Integer ids (n,) from verl's per-row ids (a numpy array of strings or ints, or a tensor)."""
+    if isinstance(values, torch.Tensor):
+        ids = values
+    else:
+        arr = np.asarray(values)
+        if arr.shape != (n,):
+            raise ValueError(f"{name} must have one entry per row ({n}), got shape {arr.shape}")
+        if np.issubdtype(arr.dtype, np.integer):
+            ids = torch.as_tensor(arr.astype(np.int64))
+        else:
+            _, inverse = np.unique(arr.astype(str), return_inverse=True)
+            ids = torch.as_tensor(inverse.astype(np.int64))
+    if tuple(ids.shape) != (n,):
+        raise ValueError(f"{name} must have one entry per row ({n}), got shape {tuple(ids.shape)}")
+    return ids.to(device=device, dtype=torch.int64)
+
+
+def _step_gae(token_level_rewards: Tensor, response_mask: Tensor, values: Tensor, trajectory_uids, step_indices,
+              index, gamma: float, lam: float):
+    mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+    B, dev = mask.shape[0], mask.device
+    layout = StepLayout.from_step_rows(
+        mask, _row_ids("trajectory_uids", trajectory_uids, B, dev), _row_ids("step_indices", step_indices, B, dev),
+        None if index is None else _row_ids("uid", index, B, dev))
+    out = compute_advantages("step_gae", layout, token_rewards=token_level_rewards, values=values, gamma=gamma,
+                             lam=lam)
+    return out.token_advantages, out.token_returns
+
+
+def compute_step_gae_advantage(token_level_rewards: Tensor, response_mask: Tensor, config=None, index=None,
+                               values: Optional[Tensor] = None, trajectory_uids=None, step_indices=None,
+                               gamma: Optional[float] = None, lam: Optional[float] = None, **unused):
+    """StepPO's step-level GAE (SPEC 4) as verl's estimator ``"step_gae"``: (advantages, returns), (B, T).
+
+    Each row is one step. gamma and lam come from the arguments, else from ``config``
+    (``algorithm.gamma`` / ``algorithm.lam``). Needs ``values`` (B, T), ``trajectory_uids`` (B,) and
+    ``step_indices`` (B,), which verl's ``compute_advantage`` does not pass: call this module's
+    :func:`compute_advantage` instead.
+    """
+    missing = [n for n, v in (("values", values), ("trajectory_uids", trajectory_uids),
+                              ("step_indices", step_indices)) if v is None]
+    if missing:
+        raise ValueError(f"step_gae needs {', '.join(missing)}; verl's compute_advantage does not pass them: use "
+                         "steppo_fast.integrations.verl.compute_advantage(data, 'step_gae', ...), which reads "
+                         "values from data.batch and trajectory_uids / step_indices from data.non_tensor_batch")
+    gamma = float(_cfg(config, "gamma", 1.0) if gamma is None else gamma)
+    lam = float(_cfg(config, "lam", 1.0) if lam is None else lam)
+    return _step_gae(token_level_rewards, response_mask, values, trajectory_uids, step_indices, index, gamma, lam)
+
+
+def compute_advantage(data, adv_estimator, gamma: float = 1.0, lam: float = 1.0, num_repeat: int = 1,
+                      norm_adv_by_std_in_grpo: bool = True, config=None):
+    """Drop-in for verl's ``ray_trainer.compute_advantage``: writes ``advantages`` and ``returns``
+    into ``data.batch`` and returns ``data``.
+
+    ``step_gae`` reads ``values``, ``trajectory_uids``, ``step_indices`` (and ``uid`` as the group);
+    ``gae``, ``grpo`` and ``rloo`` treat every row as a one-step trajectory, as verl does, with
+    ``uid`` as the group. Any other estimator is verl's own computation.
+    """
+    name = getattr(adv_estimator, "value", adv_estimator)
+    if name not in ("step_gae", "gae", "grpo", "rloo"):
+        from verl.trainer.ppo.ray_trainer import compute_advantage as verl_compute_advantage
+
+        return verl_compute_advantage(data, adv_estimator, gamma, lam, num_repeat, norm_adv_by_std_in_grpo, config)
+    batch, extra = data.batch, data.non_tensor_batch
+    if "response_mask" not in batch.keys():
+        from verl.trainer.ppo.ray_trainer import compute_response_mask
+
+        batch["response_mask"] = compute_response_mask(data)
+    mask = batch["response_mask"].bool()
+    rewards = batch["token_level_rewards"]
+    B, dev = mask.shape[0], mask.device
+    group = _row_ids("uid", extra["uid"], B, dev) if "uid" in extra else None
+    if name == "step_gae":
+        for key, where in (("values", batch.keys()), ("trajectory_uids", extra), ("step_indices", extra)):
+            if key not in where:
+                raise ValueError(f"step_gae needs data.{'batch' if key == 'values' else 'non_tensor_batch'}"
+                                 f"[{key!r}]")
+        adv, ret = _step_gae(rewards, mask, batch["values"], extra["trajectory_uids"], extra["step_indices"],
+                             extra.get("uid"), gamma, lam)
+    else:
+        rows = torch.arange(B, device=dev)
+        layout = StepLayout.from_step_rows(mask, rows, torch.zeros_like(rows), group)
+        if name == "gae":
+            out = compute_advantages("token_gae", layout, token_rewards=rewards, values=batch["values"], gamma=gamma,
+                                     lam=lam)
+        else:
+            out = compute_advantages(name, layout, token_rewards=rewards, norm_by_std=norm_adv_by_std_in_grpo)
+        adv, ret = out.token_advantages, out.token_returns
+    batch["advantages"] = adv
+    batch["returns"] = ret
+    return data
+
+
 def register() -> None:
-    """Registers ``"steppo"`` and ``"steppo_token"`` with verl (done on import; idempotent)."""
-    from verl.trainer.ppo.core_algos import register_policy_loss
+    """Registers the losses ``"steppo"`` and ``"steppo_token"`` and the advantage estimator
+    ``"step_gae"`` with verl (done on import; idempotent)."""
+    from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
 
     register_policy_loss("steppo")(compute_policy_loss_steppo)
     register_policy_loss("steppo_token")(compute_policy_loss_steppo_token)
+    register_adv_est("step_gae")(compute_step_gae_advantage)
 
 
 register()
