@@ -78,14 +78,16 @@ def _loss_eager(s):
 
 
 def _loss_liger(compiled: bool):
-    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-    module = LigerFusedLinearGRPOLoss(beta=0.0, compiled=compiled, use_ref_model=False, loss_type="grpo",
-                                      importance_sampling_level="sequence")
+    module = []  # built on first use: without Liger installed only this row reports the import error
 
     def run(s):
+        if not module:
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+            module.append(LigerFusedLinearGRPOLoss(beta=0.0, compiled=compiled, use_ref_model=False,
+                                                   loss_type="grpo", importance_sampling_level="sequence"))
         h, w = _leaves(s)
-        loss, _ = module(h, w, s["y"], s["maskf"], s["adv_row"], old_per_token_logps=s["old"])
+        loss, _ = module[0](h, w, s["y"], s["maskf"], s["adv_row"], old_per_token_logps=s["old"])
         return (loss.detach(),) + torch.autograd.grad(loss, [h, w])
     return run
 
