@@ -148,3 +148,28 @@ def test_step_gae_reads_steps_from_the_data_proto():
     with pytest.raises(ValueError, match="step_gae needs values, trajectory_uids, step_indices"):
         fn(token_level_rewards=data.batch["token_level_rewards"], response_mask=data.batch["response_mask"],
            config=None, index=data.non_tensor_batch["uid"])
+
+
+# ------------------------------------------------------------------ fused head
+def test_fused_head_forward_equals_verls_torch_backend():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from verl.models.transformers.dense_common import forward_with_torch_backend
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(cfg)
+    ids = torch.randint(0, 61, (3, 10))
+    outs, grads = [], []
+    for forward in (forward_with_torch_backend, sv.forward_with_steppo_fast):
+        model.zero_grad()
+        out = forward(model, input_ids=ids, attention_mask=torch.ones_like(ids), return_dict=True, temperature=0.7)
+        (out.log_probs.sum() + 0.5 * out.entropy.sum()).backward()
+        outs.append((out.log_probs.detach(), out.entropy.detach()))
+        grads.append((model.lm_head.weight.grad.clone(), model.model.embed_tokens.weight.grad.clone()))
+    for a, b in zip(outs[1] + grads[1], outs[0] + grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    bound = sv.use_fused_head(model)
+    assert bound is model
+    torch.testing.assert_close(model(input_ids=ids, temperature=0.7).log_probs, outs[0][0], rtol=1e-5, atol=1e-5)
+    assert type(model).forward is Qwen2ForCausalLM.forward  # the class is untouched

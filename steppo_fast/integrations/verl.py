@@ -28,6 +28,11 @@ reads ``values`` from ``data.batch`` and ``trajectory_uids`` / ``step_indices`` 
 ``data.non_tensor_batch`` (``uid`` is the group), and computes ``gae``, ``grpo`` and ``rloo`` with
 steppo_fast's kernels too (every row its own one-step trajectory, as verl has it). Other
 estimators go to verl's own ``compute_advantage``.
+
+Fused head: :func:`forward_with_steppo_fast` is a causal-LM forward with the signature and the
+output (``CausalLMOutputForPPO`` with ``log_probs`` and ``entropy``) of verl's
+``use_fused_kernels`` forwards, computing them with ``linear_token_logprobs`` (no logits);
+:func:`use_fused_head` binds it to one model instance.
 """
 
 from __future__ import annotations
@@ -37,14 +42,17 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+import types
+
 import numpy as np
 
 from ..advantages import compute as compute_advantages
 from ..layout import StepLayout
+from ..logprob import linear_token_logprobs
 from ..losses import policy_loss
 
 __all__ = ["compute_advantage", "compute_policy_loss_steppo", "compute_policy_loss_steppo_token",
-           "compute_step_gae_advantage", "register"]
+           "compute_step_gae_advantage", "forward_with_steppo_fast", "register", "use_fused_head"]
 
 
 def _cfg(config, name: str, default=None):
@@ -215,6 +223,52 @@ def compute_advantage(data, adv_estimator, gamma: float = 1.0, lam: float = 1.0,
     batch["advantages"] = adv
     batch["returns"] = ret
     return data
+
+
+# ------------------------------------------------------------------ fused head
+def forward_with_steppo_fast(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                             inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
+                             output_hidden_states=None, return_dict=None, cache_position=None, logits_to_keep=0,
+                             temperature: float = 1.0, shift_labels=None, **loss_kwargs):
+    """verl's fused-kernel forward (``use_fused_kernels``) with steppo_fast's linear head.
+
+    Same arguments and output as verl's ``forward_with_torch_backend``: the decoder runs through
+    verl's ``forward_base_model``; the label of position t is the token at t + 1 (``shift_labels``
+    if given, else ``labels`` or ``input_ids`` rolled by one), and ``log_probs`` (fp32) and
+    ``entropy`` (the hidden states' dtype) come from ``linear_token_logprobs`` on the lm_head.
+    """
+    from verl.models.transformers.dense_common import CausalLMOutputForPPO, forward_base_model
+
+    if return_dict is False:
+        raise ValueError("forward_with_steppo_fast returns a CausalLMOutputForPPO; return_dict=False is not supported")
+    outputs = forward_base_model(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                 output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                 cache_position=cache_position)
+    hidden = outputs[0]
+    if shift_labels is not None:
+        targets = shift_labels
+    elif labels is not None:
+        targets = torch.roll(labels, shifts=-1, dims=-1)
+    elif input_ids is not None:
+        targets = torch.roll(input_ids, shifts=-1, dims=-1)
+    else:
+        raise ValueError("forward_with_steppo_fast needs labels, shift_labels or input_ids")
+    head = self.lm_head
+    log_probs, entropy = linear_token_logprobs(hidden, head.weight, targets, None, temperature,
+                                               getattr(head, "bias", None), validate=False)
+    return CausalLMOutputForPPO(log_probs=log_probs, entropy=entropy.to(hidden.dtype),
+                                past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
+                                attentions=outputs.attentions)
+
+
+def use_fused_head(model):
+    """Binds :func:`forward_with_steppo_fast` as ``model.forward`` (this instance only; the class and
+    other models are untouched) and returns the model."""
+    if not hasattr(model, "lm_head") or not hasattr(model, "model"):
+        raise TypeError(f"use_fused_head needs a causal LM with .model and .lm_head, got {type(model).__name__}")
+    model.forward = types.MethodType(forward_with_steppo_fast, model)
+    return model
 
 
 def register() -> None:
