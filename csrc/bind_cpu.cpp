@@ -9,6 +9,7 @@
 
 #include "credit.h"
 #include "logprob.h"
+#include "policy_loss.h"
 #include "step_rewards.h"
 
 namespace py = pybind11;
@@ -62,4 +63,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("with_entropy"), py::arg("grad"), py::arg("grad_stride_b"), py::arg("grad_stride_t"),
         py::call_guard<py::gil_scoped_release>(),
         "dL/dlogits in the logits dtype in one pass over each row, optionally into the logits buffer (SPEC 2).");
+  m.def("policy_loss_cpu", &steppo::policy_loss_cpu, py::arg("logp"), py::arg("old_logp"), py::arg("advantages"),
+        py::arg("float_dtype"), py::arg("token_step"), py::arg("step_dtype"), py::arg("n"), py::arg("num_steps"),
+        py::arg("weights"), py::arg("entropy"), py::arg("ref_logp"), py::arg("ratio_level"), py::arg("clip_low"),
+        py::arg("clip_high"), py::arg("dual_clip"), py::arg("agg_mode"), py::arg("entropy_coef"), py::arg("kl_coef"),
+        py::arg("kl_type"), py::arg("global_num_tokens"), py::arg("global_num_steps"), py::arg("norm_constant"),
+        py::arg("loss"), py::arg("metrics"), py::arg("grad_logp"), py::arg("grad_entropy"),
+        py::call_guard<py::gil_scoped_release>(),
+        "The clipped policy loss, its metrics and its closed-form gradients in two passes (SPEC 7).");
 }

@@ -1016,6 +1016,45 @@ def _policy_loss_ref(logp, old_logp, advantages, token_step, weights, entropy, r
     return loss, m, g_lp.to(logp.dtype), g_ent
 
 
+_AGG_CODES = {"token-mean": 0, "token-sum": 1, "seq-mean-token-mean": 2, "seq-mean-token-sum": 3,
+              "seq-mean-token-sum-norm": 4}
+_KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3, "low_var_kl": 3}
+
+
+@register_backend("policy_loss", "cpp")
+def _policy_loss_cpp(logp, old_logp, advantages, token_step, weights, entropy, ref_logp, num_steps, ratio_level,
+                     clip_low, clip_high, dual_clip, agg_mode, entropy_coef, kl_coef, kl_type, global_num_tokens,
+                     global_num_steps, norm_constant):
+    mod = _native.cpu_module()
+    dt = _acc(logp, old_logp, advantages)
+    n = logp.shape[0]
+    x, old, adv = (t.to(dt).contiguous() for t in (logp, old_logp, advantages))
+    w, ent, rl = (None if t is None else t.to(dt).contiguous() for t in (weights, entropy, ref_logp))
+    ts = token_step.contiguous()
+    if agg_mode == "seq-mean-token-sum-norm" and norm_constant is None:
+        raise ValueError("agg_mode 'seq-mean-token-sum-norm' needs norm_constant (verl's default: T)")
+    loss = torch.empty(1, dtype=torch.float64)
+    metrics = torch.empty(len(POLICY_METRICS), dtype=torch.float64)
+    g_lp = torch.empty(n, dtype=dt)
+    g_ent = torch.empty(n, dtype=dt) if ent is not None else None
+    nan = float("nan")
+
+    def opt(t, name):
+        return 0 if t is None else _native.ptr(name, t, dt)
+
+    mod.policy_loss_cpu(
+        _native.ptr("logp", x, dt), _native.ptr("old_logp", old, dt), _native.ptr("advantages", adv, dt),
+        _native.dtype_code("logp", x), _native.ptr("token_step", ts), _native.dtype_code("token_step", ts), n,
+        int(num_steps), opt(w, "weights"), opt(ent, "entropy"), opt(rl, "ref_logp"), int(ratio_level == "step"),
+        float(clip_low), float(clip_high), nan if dual_clip is None else float(dual_clip), _AGG_CODES[agg_mode],
+        float(entropy_coef), float(kl_coef), _KL_CODES[kl_type], nan if global_num_tokens is None else
+        float(global_num_tokens), nan if global_num_steps is None else float(global_num_steps),
+        nan if norm_constant is None else float(norm_constant), loss.data_ptr(), metrics.data_ptr(),
+        g_lp.data_ptr(), 0 if g_ent is None else g_ent.data_ptr())
+    g_ent_out = g_ent.to(entropy.dtype) if entropy is not None else logp.new_empty(0)
+    return loss[0].to(dt), metrics.to(dt), g_lp.to(logp.dtype), g_ent_out
+
+
 def _pl_setup(ctx, inputs, output):
     ctx.has_entropy = inputs[5] is not None
     ctx.save_for_backward(output[2], output[3])

@@ -160,3 +160,78 @@ def test_steppo_loss_module_bad_options():
         losses.StepPOLoss("grpo")
     with pytest.raises(ValueError, match="temperature"):
         losses.StepPOLoss(temperature=0)
+
+
+# ------------------------------------------------------------------ the C++ kernel
+LOSS_OPTIONS = [dict(), dict(dual_clip=3.0), dict(weights=True), dict(entropy=True, entropy_coef=0.01),
+                dict(entropy=True, entropy_coef=0.0), dict(ref=True, kl_coef=0.1, kl_type="k1"),
+                dict(ref=True, kl_coef=0.1, kl_type="abs"), dict(ref=True, kl_coef=0.2, kl_type="k2"),
+                dict(ref=True, kl_coef=0.1, kl_type="low_var_kl"), dict(ref=True, kl_coef=0.0),
+                dict(global_num_tokens=50.0, global_num_steps=7.0),
+                dict(dual_clip=2.0, weights=True, entropy=True, entropy_coef=0.02, ref=True, kl_coef=0.05)]
+
+
+def _loss_inputs(dtype, seed=0, n=97, S=13):
+    g = torch.Generator().manual_seed(seed)
+    ts = torch.randint(-1, S, (n,), generator=g).to(torch.int32)
+    ts[ts == 5] = -1  # a step without tokens
+    lp = (torch.randn(n, generator=g) * 0.3 - 2).to(dtype)
+    old = lp + (torch.randn(n, generator=g) * 0.3).to(dtype)  # ratios beyond the clip range too
+    adv = torch.randn(n, generator=g).to(dtype)
+    extra = dict(weights=(torch.rand(n, generator=g) + 0.5).to(dtype), entropy=torch.rand(n, generator=g).to(dtype),
+                 ref=(lp + 0.4 * torch.randn(n, generator=g)).to(dtype))
+    return lp, old, adv, ts, S, extra
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("ratio_level", ["step", "token"])
+@pytest.mark.parametrize("agg_mode", ref.AGG_MODES)
+@pytest.mark.parametrize("opts", LOSS_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_policy_loss_cpp_matches_reference(dtype, ratio_level, agg_mode, opts):
+    from steppo_fast import ops
+
+    lp, old, adv, ts, S, extra = _loss_inputs(dtype)
+    opts = dict(opts)
+    kw = dict(weights=extra["weights"] if opts.pop("weights", False) else None,
+              entropy=extra["entropy"] if opts.pop("entropy", False) else None,
+              ref_logp=extra["ref"] if opts.pop("ref", False) else None,
+              norm_constant=11.0 if agg_mode == "seq-mean-token-sum-norm" else None, **opts)
+    results = {}
+    for backend in ("cpp", "reference"):
+        x = lp.clone().requires_grad_(True)
+        e = kw["entropy"].clone().requires_grad_(True) if kw["entropy"] is not None else None
+        loss, metrics = ops.policy_loss(x, old, adv, ts, S, ratio_level, agg_mode=agg_mode, backend=backend,
+                                        **{**kw, "entropy": e})
+        grads = torch.autograd.grad(loss, [x] + ([e] if e is not None else []))
+        results[backend] = (loss, metrics, grads)
+    # The fp64 oracle: the reference on float64 inputs.
+    x64 = lp.double().requires_grad_(True)
+    e64 = kw["entropy"].double().requires_grad_(True) if kw["entropy"] is not None else None
+    kw64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    loss64, metrics64 = ref.policy_loss(x64, old.double(), adv.double(), ts, S, ratio_level, agg_mode=agg_mode,
+                                        **{**kw64, "entropy": e64})
+    leaves64 = [x64] + ([e64] if e64 is not None else [])
+    grads64 = torch.autograd.grad(loss64, leaves64, allow_unused=True)  # entropy is unused at coefficient 0
+    grads64 = [torch.zeros_like(t) if g is None else g for g, t in zip(grads64, leaves64)]
+    loss, metrics, grads = results["cpp"]
+    assert loss.dtype == dtype and grads[0].dtype == dtype
+    assert_close(loss, loss64, dtype)
+    for name, value in metrics.items():
+        assert_close(value, metrics64[name], dtype, name)
+    for g, g64 in zip(grads, grads64):
+        assert_close(g, g64, dtype)
+    if dtype == torch.float64:  # and the reference on the same inputs, tightly
+        assert_close(loss, results["reference"][0])
+
+
+def test_policy_loss_cpp_edge_cases():
+    from steppo_fast import ops
+
+    lp = torch.randn(6, requires_grad=True)
+    none = torch.full((6,), -1, dtype=torch.int32)
+    loss, metrics = ops.policy_loss(lp, lp.detach(), torch.ones(6), none, 3, "step", backend="cpp")
+    (g,) = torch.autograd.grad(loss, [lp])
+    assert float(loss) == 0.0 and bool((g == 0).all()) and all(float(v) == 0.0 for v in metrics.values())
+    with pytest.raises(ValueError, match="norm_constant"):
+        ops.policy_loss(lp, lp.detach(), torch.ones(6), none, 3, "step", agg_mode="seq-mean-token-sum-norm",
+                        backend="cpp")
