@@ -1,10 +1,13 @@
-"""The policy loss, forward + backward, from log-probs (SPEC 7), step and token ratio.
+"""The policy loss, forward + backward (SPEC 7), step and token ratio: from log-probs, and from
+logits (log-probs + entropy + loss, SPEC 2 and 7).
 
 Peers: the PyTorch reference composition with autograd ("eager") and verl's own loss
 functions on the same batch laid out as verl has it (one row per step): ``gspo`` for the
 step ratio, ``vanilla`` (dual clip 3.0) for the token ratio, both with
-``seq-mean-token-mean``. Traffic counted: the (N,) inputs logp, old_logp, advantages and the
-step ids read once, the gradient written once.
+``seq-mean-token-mean``. From logits, verl's ``logprobs_from_logits`` + ``entropy_from_logits``
+feed its loss, eager uses log_softmax, and steppo_fast is ``StepPOLoss``. Traffic counted from
+log-probs: the (N,) inputs logp, old_logp, advantages and the step ids read once, the gradient
+written once; from logits: the logits read twice and their gradient written once.
 """
 
 from __future__ import annotations
@@ -39,7 +42,86 @@ def _verl(ratio_level: str):
     return fn
 
 
+def _from_logits(kind: str, level: str):
+    """(loss, grad of the logits) of the loss from (S, per_step, V) logits."""
+    dual = DUAL_CLIP if level == "token" else None
+    verl_loss = _verl(level)
+    module = []
+
+    def go(s):
+        z = s["z"].detach().requires_grad_(True)
+        S, per_step = s["S"], s["per_step"]
+        y, mask = s["y"], s["ts"].reshape(S, per_step) >= 0
+        old, adv = s["old"].reshape(S, per_step), s["adv"].reshape(S, per_step)
+        if kind == "steppo_fast":
+            if not module:
+                from steppo_fast.losses import StepPOLoss
+
+                module.append(StepPOLoss({"ratio_level": level, "dual_clip": dual}))
+            loss, _ = module[0](z, y, mask, old, adv)
+        else:
+            if kind == "verl":
+                from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
+
+                logp = logprobs_from_logits(z, y)
+                entropy_from_logits(z)  # verl's actor computes it next to the log-probs
+                loss, _ = verl_loss(logp.reshape(-1), s["old"], s["adv"], s["ts"], S, per_step)
+            else:
+                logp_all = torch.log_softmax(z, -1)
+                logp = logp_all.gather(-1, y[..., None]).squeeze(-1)
+                loss, _ = ref.policy_loss(logp.reshape(-1), s["old"], s["adv"], s["ts"], S, level, dual_clip=dual)
+        (g,) = torch.autograd.grad(loss, [z])
+        return loss.detach(), g
+    return go
+
+
+def _from_logits_oracle(level: str):
+    def oracle(s):
+        z = s["z"].double()
+        V = z.shape[-1]
+        logp = ref.token_logprobs(z.reshape(-1, V), s["y"].reshape(-1))[0].requires_grad_(True)
+        loss, _ = ref.policy_loss(logp, s["old"].double(), s["adv"].double(), s["ts"], s["S"], level,
+                                  dual_clip=DUAL_CLIP if level == "token" else None)
+        (g_lp,) = torch.autograd.grad(loss, [logp])
+        g = ref.token_logprobs_backward(z.reshape(-1, V), s["y"].reshape(-1), s["ts"] >= 0, g_lp, None)
+        return loss.detach(), g.reshape(z.shape)
+    return oracle
+
+
+def _logit_cases(device: str, quick: bool) -> List[Case]:
+    n_tok, vocab = (1024, 8000) if quick else (4096, 32000)
+    out = []
+    for level in ("step", "token"):
+        for per_step in ([16] if quick else [4, 64, 1024]):
+            g = torch.Generator().manual_seed(1)
+            S = n_tok // per_step
+            ts = torch.arange(n_tok) // per_step
+            ts = torch.where(torch.rand(n_tok, generator=g) > 0.05, ts, -1).to(torch.int32)
+            z = torch.randn(S, per_step, vocab, generator=g) * 2
+            y = torch.randint(0, vocab, (S, per_step), generator=g)
+            with torch.no_grad():
+                lp = torch.log_softmax(z, -1).gather(-1, y[..., None]).reshape(-1)
+            old = lp + 0.1 * torch.randn(n_tok, generator=g)
+            adv = torch.randn(n_tok, generator=g)
+            to = dict(device=device)
+            st = {"z": z.to(**to), "y": y.to(**to), "ts": ts.to(**to), "old": old.to(**to), "adv": adv.to(**to),
+                  "S": S, "per_step": per_step}
+            logits_bytes = z.numel() * z.element_size()
+            vs = [Variant("eager", _from_logits("eager", level), "peer", required_bytes=logits_bytes),
+                  Variant("verl " + ("gspo" if level == "step" else "vanilla"), _from_logits("verl", level), "peer",
+                          required_bytes=logits_bytes),
+                  Variant("steppo_fast StepPOLoss", _from_logits("steppo_fast", level), required_bytes=logits_bytes)]
+            out.append(Case(f"StepPOLoss({level}) from logits fwd+bwd",
+                            {"tokens": n_tok, "tokens_per_step": per_step, "V": vocab}, st,
+                            _from_logits_oracle(level), bytes_moved=3 * logits_bytes, variants=vs))
+    return out
+
+
 def cases(device: str, quick: bool) -> List[Case]:
+    return _logp_cases(device, quick) + _logit_cases(device, quick)
+
+
+def _logp_cases(device: str, quick: bool) -> List[Case]:
     n_tok = 4096 if quick else 16384
     out = []
     for level in ("step", "token"):
