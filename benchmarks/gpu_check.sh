@@ -26,7 +26,7 @@ print("torch", torch.__version__, "| GPUs seen by _C_cuda:", mod.device_count(),
 PY
 
 echo "== GPU tests"
-python3 -m pytest -q -x -p no:cacheprovider tests/test_advantages.py tests/test_ops.py tests/test_logprob.py tests/test_linear_head.py \
+python3 -m pytest -q -x -p no:cacheprovider tests/test_advantages.py tests/test_ops.py tests/test_logprob.py tests/test_linear_head.py tests/test_losses.py \
   -k "cuda or triton or Triton" 2>&1 | tee "$OUT/tests.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
 

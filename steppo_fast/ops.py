@@ -1055,6 +1055,17 @@ def _policy_loss_cpp(logp, old_logp, advantages, token_step, weights, entropy, r
     return loss[0].to(dt), metrics.to(dt), g_lp.to(logp.dtype), g_ent_out
 
 
+@register_backend("policy_loss", "triton")
+def _policy_loss_triton(logp, old_logp, advantages, token_step, weights, entropy, ref_logp, num_steps, ratio_level,
+                        clip_low, clip_high, dual_clip, agg_mode, entropy_coef, kl_coef, kl_type, global_num_tokens,
+                        global_num_steps, norm_constant):
+    from .kernels import policy_loss as k
+
+    return k.policy_loss(logp, old_logp, advantages, token_step, weights, entropy, ref_logp, num_steps, ratio_level,
+                         clip_low, clip_high, dual_clip, agg_mode, entropy_coef, kl_coef, kl_type, global_num_tokens,
+                         global_num_steps, norm_constant)
+
+
 def _pl_setup(ctx, inputs, output):
     ctx.has_entropy = inputs[5] is not None
     ctx.save_for_backward(output[2], output[3])

@@ -1,5 +1,7 @@
 """Policy / value loss fronts: mask and layout forms, gradients, empty batches, bad options."""
 
+import os
+
 import pytest
 import torch
 
@@ -183,13 +185,22 @@ def _loss_inputs(dtype, seed=0, n=97, S=13):
     return lp, old, adv, ts, S, extra
 
 
+_HAS_CUDA = torch.cuda.is_available()
+_TRITON_DEVICE = "cuda" if _HAS_CUDA else ("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None)
+KERNELS = [pytest.param(("cpp", "cpu"), id="cpp")]
+if _TRITON_DEVICE is not None:
+    KERNELS.append(pytest.param(("triton", _TRITON_DEVICE), id="triton"))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("ratio_level", ["step", "token"])
 @pytest.mark.parametrize("agg_mode", ref.AGG_MODES)
 @pytest.mark.parametrize("opts", LOSS_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
-def test_policy_loss_cpp_matches_reference(dtype, ratio_level, agg_mode, opts):
+def test_policy_loss_kernels_match_reference(kernel, dtype, ratio_level, agg_mode, opts):
     from steppo_fast import ops
 
+    backend, device = kernel
     lp, old, adv, ts, S, extra = _loss_inputs(dtype)
     opts = dict(opts)
     kw = dict(weights=extra["weights"] if opts.pop("weights", False) else None,
@@ -197,13 +208,15 @@ def test_policy_loss_cpp_matches_reference(dtype, ratio_level, agg_mode, opts):
               ref_logp=extra["ref"] if opts.pop("ref", False) else None,
               norm_constant=11.0 if agg_mode == "seq-mean-token-sum-norm" else None, **opts)
     results = {}
-    for backend in ("cpp", "reference"):
-        x = lp.clone().requires_grad_(True)
-        e = kw["entropy"].clone().requires_grad_(True) if kw["entropy"] is not None else None
-        loss, metrics = ops.policy_loss(x, old, adv, ts, S, ratio_level, agg_mode=agg_mode, backend=backend,
-                                        **{**kw, "entropy": e})
+    for name in (backend, "reference"):
+        dev = device if name == backend else "cpu"
+        x = lp.clone().to(dev).requires_grad_(True)
+        e = kw["entropy"].clone().to(dev).requires_grad_(True) if kw["entropy"] is not None else None
+        kw_dev = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        loss, metrics = ops.policy_loss(x, old.to(dev), adv.to(dev), ts.to(dev), S, ratio_level, agg_mode=agg_mode,
+                                        backend=name, **{**kw_dev, "entropy": e})
         grads = torch.autograd.grad(loss, [x] + ([e] if e is not None else []))
-        results[backend] = (loss, metrics, grads)
+        results[name] = (loss, metrics, grads)
     # The fp64 oracle: the reference on float64 inputs.
     x64 = lp.double().requires_grad_(True)
     e64 = kw["entropy"].double().requires_grad_(True) if kw["entropy"] is not None else None
@@ -213,7 +226,7 @@ def test_policy_loss_cpp_matches_reference(dtype, ratio_level, agg_mode, opts):
     leaves64 = [x64] + ([e64] if e64 is not None else [])
     grads64 = torch.autograd.grad(loss64, leaves64, allow_unused=True)  # entropy is unused at coefficient 0
     grads64 = [torch.zeros_like(t) if g is None else g for g, t in zip(grads64, leaves64)]
-    loss, metrics, grads = results["cpp"]
+    loss, metrics, grads = results[backend]
     assert loss.dtype == dtype and grads[0].dtype == dtype
     assert_close(loss, loss64, dtype)
     for name, value in metrics.items():
@@ -224,14 +237,21 @@ def test_policy_loss_cpp_matches_reference(dtype, ratio_level, agg_mode, opts):
         assert_close(loss, results["reference"][0])
 
 
-def test_policy_loss_cpp_edge_cases():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_policy_loss_kernel_edge_cases(kernel):
     from steppo_fast import ops
 
-    lp = torch.randn(6, requires_grad=True)
-    none = torch.full((6,), -1, dtype=torch.int32)
-    loss, metrics = ops.policy_loss(lp, lp.detach(), torch.ones(6), none, 3, "step", backend="cpp")
+    backend, device = kernel
+    lp = torch.randn(6, device=device, requires_grad=True)
+    none = torch.full((6,), -1, dtype=torch.int32, device=device)
+    ones = torch.ones(6, device=device)
+    loss, metrics = ops.policy_loss(lp, lp.detach(), ones, none, 3, "step", backend=backend)
     (g,) = torch.autograd.grad(loss, [lp])
     assert float(loss) == 0.0 and bool((g == 0).all()) and all(float(v) == 0.0 for v in metrics.values())
     with pytest.raises(ValueError, match="norm_constant"):
-        ops.policy_loss(lp, lp.detach(), torch.ones(6), none, 3, "step", agg_mode="seq-mean-token-sum-norm",
-                        backend="cpp")
+        ops.policy_loss(lp, lp.detach(), ones, none, 3, "step", agg_mode="seq-mean-token-sum-norm", backend=backend)
+    # The same bits on every run (no float atomics), over several programs' worth of tokens.
+    lp, old, adv, ts, S, _ = _loss_inputs(torch.float32, seed=4, n=5000, S=300)
+    runs = [ops.policy_loss(lp.to(device).requires_grad_(True), old.to(device), adv.to(device), ts.to(device), S,
+                            "step", backend=backend)[0] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
