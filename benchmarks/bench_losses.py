@@ -89,7 +89,10 @@ def _from_logits_oracle(level: str):
 
 
 def _logit_cases(device: str, quick: bool) -> List[Case]:
-    n_tok, vocab = (1024, 8000) if quick else (4096, 32000)
+    if quick:
+        n_tok, vocab = 1024, 8000
+    else:  # the sizes: 16k tokens on a GPU, 4k on the CPU
+        n_tok, vocab = (16384, 32000) if device == "cuda" else (4096, 32000)
     out = []
     for level in ("step", "token"):
         for per_step in ([16] if quick else [4, 64, 1024]):

@@ -91,3 +91,24 @@ def test_unsupported_options_are_refused():
     with pytest.raises(ValueError, match="loss_type='cispo'"):
         StepPOGRPOTrainer(model=_model(), reward_funcs=_reward, train_dataset=ds, processing_class=_tokenizer(),
                           args=_args(loss_type="cispo"))
+
+
+class _CheckingSteps(_Checking):
+    """Adds step_ids to every batch: each completion one step (its masked-in tokens are step 0),
+    which must give TRL's sequence-level loss again, now through the per-step layout path."""
+
+    def _compute_loss(self, model, inputs):
+        mask = inputs["completion_mask"].bool()
+        inputs = dict(inputs, step_ids=torch.where(mask, 0, -1))
+        return super()._compute_loss(model, inputs)
+
+
+def test_step_ids_path_matches_trls_sequence_level_loss():
+    ds = datasets.Dataset.from_dict({"prompt": [f"w{i} w{i + 1} w{i + 2}" for i in range(8)]})
+    _Checking.seen = []
+    trainer = _CheckingSteps(model=_model(), reward_funcs=_reward, train_dataset=ds, processing_class=_tokenizer(),
+                             args=_args(importance_sampling_level="sequence", loss_type="grpo"))
+    trainer.train()
+    assert len(_Checking.seen) >= 2 and any(abs(float(o)) > 1e-4 for o, *_ in _Checking.seen)
+    for ours, theirs, _, _ in _Checking.seen:
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
