@@ -1,0 +1,39 @@
+"""Built-in text environments for the trainer, behind one small protocol.
+
+An :class:`Environment` is a multi-step text task: ``reset(seed)`` returns the first
+observation; ``step(action)`` takes the agent's whole response for the turn and returns
+``(observation, reward, done)``. Implement these two methods for your own task.
+
+Built in (no network, no downloads):
+
+* ``lights``: the quick task. Each turn shows a traffic light; the agent answers ``go`` or
+  ``stop``. An episode has 3-8 turns (short ones more likely); reward 1 at the end only if
+  every answer was right. A uniformly random policy succeeds about 6% of the time.
+* ``hotpot``: multi-hop retrieval QA in miniature. An in-memory knowledge base of facts, a
+  ``search <entity>`` tool whose result is the next observation, an ``answer <entity>``
+  action, exact-match terminal reward, questions of 2 or 3 hops.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+from .base import Environment, StepResult
+from .hotpot import HotpotEnv
+from .lights import LightsEnv
+
+ENVIRONMENTS: Dict[str, Callable[..., Environment]] = {"lights": LightsEnv, "hotpot": HotpotEnv}
+
+__all__ = ["ENVIRONMENTS", "Environment", "HotpotEnv", "LightsEnv", "StepResult", "make_env", "names"]
+
+
+def names() -> List[str]:
+    """Names of the built-in environments."""
+    return sorted(ENVIRONMENTS)
+
+
+def make_env(name: str, **kwargs) -> Environment:
+    """A built-in environment by name; an unknown name is a ValueError listing the choices."""
+    if name not in ENVIRONMENTS:
+        raise ValueError(f"unknown environment {name!r}; choose one of: {', '.join(names())}")
+    return ENVIRONMENTS[name](**kwargs)
