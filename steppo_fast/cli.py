@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="steppo-fast", description="Fast, exact StepPO training math.")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="time every op's backends against PyTorch and peers")
-    b.add_argument("--op", default=None, help="one benchmark: advantages, linear_head, logprob or losses (default: all)")
+    b.add_argument("--op", default=None,
+                   help="one benchmark: advantages, linear_head, logprob or losses (default: all)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--quick", action="store_true", help="small sizes, short timing runs")
     b.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
