@@ -15,12 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from steppo_fast.ops import AGG_CODES, KL_CODES
+
 BLOCK = 1024  # tokens per program: 8 per thread over 4 warps
 N_PARTIALS = 11  # pg, entropy term, kl term, clipped, lower, -diff, ratio, entropy, kl, ratio min, ratio max
 
-AGG = {"token-mean": 0, "token-sum": 1, "seq-mean-token-mean": 2, "seq-mean-token-sum": 3,
-       "seq-mean-token-sum-norm": 4}
-KL = {"k1": 0, "abs": 1, "k2": 2, "k3": 3, "low_var_kl": 3}
 
 
 @triton.jit
@@ -148,8 +147,6 @@ def policy_loss(logp, old_logp, advantages, token_step, weights, entropy, ref_lo
     dev = logp.device
     n = logp.shape[0]
     dt = torch.float64 if torch.float64 in (logp.dtype, old_logp.dtype, advantages.dtype) else torch.float32
-    if agg_mode == "seq-mean-token-sum-norm" and norm_constant is None:
-        raise ValueError("agg_mode 'seq-mean-token-sum-norm' needs norm_constant (verl's default: T)")
     step_l, step_n = _step_stats(logp, old_logp, token_step, num_steps)
     n_tok = (token_step >= 0).sum().double()
     s_prime = (step_n > 0).sum().double()
@@ -174,7 +171,7 @@ def policy_loss(logp, old_logp, advantages, token_step, weights, entropy, ref_lo
             step_l.contiguous(), step_n.contiguous(), scal, g_lp, g_ent if entropy is not None else g_lp, parts,
             n, float(clip_low), float(clip_high), float(dual_clip) if dual_clip is not None else 0.0,
             float(entropy_coef), float(kl_coef),
-            STEP=ratio_level == "step", AGG=AGG[agg_mode], KL=KL[kl_type], HAS_DUAL=dual_clip is not None,
+            STEP=ratio_level == "step", AGG=AGG_CODES[agg_mode], KL=KL_CODES[kl_type], HAS_DUAL=dual_clip is not None,
             HAS_W=weights is not None, HAS_ENT=entropy is not None, HAS_REF=ref_logp is not None, BLOCK=BLOCK,
             num_warps=4,
         )

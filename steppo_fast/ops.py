@@ -989,6 +989,8 @@ def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, token_step:
                  clip_low: float, clip_high: float, dual_clip: Optional[float], agg_mode: str, entropy_coef: float,
                  kl_coef: float, kl_type: str, global_num_tokens: Optional[float], global_num_steps: Optional[float],
                  norm_constant: Optional[float], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if agg_mode == "seq-mean-token-sum-norm" and norm_constant is None:  # checked here for every backend
+        raise ValueError("agg_mode 'seq-mean-token-sum-norm' needs norm_constant (verl's default: T)")
     return _run("policy_loss", logp.device, backend, logp, old_logp, advantages, token_step, weights, entropy,
                 ref_logp, num_steps, ratio_level, clip_low, clip_high, dual_clip, agg_mode, entropy_coef, kl_coef,
                 kl_type, global_num_tokens, global_num_steps, norm_constant)
@@ -1016,9 +1018,10 @@ def _policy_loss_ref(logp, old_logp, advantages, token_step, weights, entropy, r
     return loss, m, g_lp.to(logp.dtype), g_ent
 
 
-_AGG_CODES = {"token-mean": 0, "token-sum": 1, "seq-mean-token-mean": 2, "seq-mean-token-sum": 3,
-              "seq-mean-token-sum-norm": 4}
-_KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3, "low_var_kl": 3}
+# The integer codes of the loss options the compiled kernels (C++ and Triton) take.
+AGG_CODES = {"token-mean": 0, "token-sum": 1, "seq-mean-token-mean": 2, "seq-mean-token-sum": 3,
+             "seq-mean-token-sum-norm": 4}
+KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3, "low_var_kl": 3}
 
 
 @register_backend("policy_loss", "cpp")
@@ -1031,8 +1034,6 @@ def _policy_loss_cpp(logp, old_logp, advantages, token_step, weights, entropy, r
     x, old, adv = (t.to(dt).contiguous() for t in (logp, old_logp, advantages))
     w, ent, rl = (None if t is None else t.to(dt).contiguous() for t in (weights, entropy, ref_logp))
     ts = token_step.contiguous()
-    if agg_mode == "seq-mean-token-sum-norm" and norm_constant is None:
-        raise ValueError("agg_mode 'seq-mean-token-sum-norm' needs norm_constant (verl's default: T)")
     loss = torch.empty(1, dtype=torch.float64)
     metrics = torch.empty(len(POLICY_METRICS), dtype=torch.float64)
     g_lp = torch.empty(n, dtype=dt)
@@ -1046,8 +1047,8 @@ def _policy_loss_cpp(logp, old_logp, advantages, token_step, weights, entropy, r
         _native.ptr("logp", x, dt), _native.ptr("old_logp", old, dt), _native.ptr("advantages", adv, dt),
         _native.dtype_code("logp", x), _native.ptr("token_step", ts), _native.dtype_code("token_step", ts), n,
         int(num_steps), opt(w, "weights"), opt(ent, "entropy"), opt(rl, "ref_logp"), int(ratio_level == "step"),
-        float(clip_low), float(clip_high), nan if dual_clip is None else float(dual_clip), _AGG_CODES[agg_mode],
-        float(entropy_coef), float(kl_coef), _KL_CODES[kl_type], nan if global_num_tokens is None else
+        float(clip_low), float(clip_high), nan if dual_clip is None else float(dual_clip), AGG_CODES[agg_mode],
+        float(entropy_coef), float(kl_coef), KL_CODES[kl_type], nan if global_num_tokens is None else
         float(global_num_tokens), nan if global_num_steps is None else float(global_num_steps),
         nan if norm_constant is None else float(norm_constant), loss.data_ptr(), metrics.data_ptr(),
         g_lp.data_ptr(), 0 if g_ent is None else g_ent.data_ptr())
