@@ -115,9 +115,10 @@ class StepPOGRPOTrainer(GRPOTrainer):
                 normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
             loss, metrics = policy_loss(logps, old, adv, where, agg_mode="token-sum", **kw)
             loss = loss / normalizer
-        log = self._metrics[mode]
-        log["steppo/pg_clipfrac"].append(float(metrics["pg_clipfrac"]))
-        log["steppo/ppo_kl"].append(float(metrics["ppo_kl"]))
-        log["steppo/ratio_mean"].append(float(metrics["ratio_mean"]))
-        log["entropy"].append(float(metrics["entropy"]))
+        # Logging reads the metrics on the host, as TRL's own loss does: one transfer for all four.
+        names = {"steppo/pg_clipfrac": "pg_clipfrac", "steppo/ppo_kl": "ppo_kl", "steppo/ratio_mean": "ratio_mean",
+                 "entropy": "entropy"}
+        values = torch.stack([metrics[k] for k in names.values()]).tolist()
+        for key, value in zip(names, values):
+            self._metrics[mode][key].append(value)
         return loss

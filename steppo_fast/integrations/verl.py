@@ -88,8 +88,7 @@ def _steppo(ratio_level: str, old_log_prob: Tensor, log_prob: Tensor, advantages
     counts = _global_counts(config)
     dp_size = counts.pop("dp_size")
     dual_clip = float(_cfg(config, "clip_ratio_c", 3.0)) if ratio_level == "token" else None
-    mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
-    loss, m = policy_loss(log_prob, old_log_prob, advantages, mask, ratio_level=ratio_level, clip_low=clip_low,
+    loss, m = policy_loss(log_prob, old_log_prob, advantages, response_mask, ratio_level=ratio_level, clip_low=clip_low,
                           clip_high=clip_high, dual_clip=dual_clip, agg_mode=loss_agg_mode,
                           weights=rollout_is_weights, **counts)
     if dp_size != 1:
