@@ -33,6 +33,94 @@ def _cmd_info(args) -> int:
     return 0
 
 
+# Flags of `train` that map onto TrainConfig fields (flag name -> field name).
+_TRAIN_FLAGS = {"env": "env", "estimator": "estimator", "model": "model", "critic": "critic", "updates": "updates",
+                "groups": "groups", "group_size": "group_size", "seed": "seed", "lr": "lr", "device": "device",
+                "out": "out_dir", "save_every": "save_every", "temperature": "temperature"}
+
+
+def _parse_sets(items):
+    """``key=value`` pairs, values parsed as YAML (numbers, booleans, lists, dicts)."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _train_config(args):
+    from .trainer import TrainConfig
+
+    overrides = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    overrides.update(_parse_sets(args.set))
+    if args.no_progress:
+        overrides["progress"] = False
+    if args.config:
+        return TrainConfig.load(args.config, **overrides)
+    return TrainConfig.from_dict(overrides)
+
+
+def _cmd_train(args) -> int:
+    from .trainer.loop import NonFiniteLoss, run
+
+    try:
+        cfg = _train_config(args)
+    except ValueError as e:
+        print(f"steppo-fast train: {e}", file=sys.stderr)
+        return 2
+    try:
+        history = run(cfg, resume=args.resume)
+    except NonFiniteLoss as e:
+        print(f"steppo-fast train: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"steppo-fast train: {e}", file=sys.stderr)
+        return 2
+    if history and int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"final success {history[-1]['success']:.3f}; metrics, checkpoint and learning curve in {cfg.out_dir}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    import time
+
+    import torch
+
+    from .trainer import TrainConfig, Trainer
+    from .trainer.envs import lights
+    from .trainer.loop import backends_used
+
+    cfg = TrainConfig(env="lights", estimator="step_gae", updates=args.updates, seed=args.seed, out_dir=args.out,
+                      device="cpu", eval_episodes=256, progress=not args.no_progress, save_every=args.updates,
+                      log_every=5)
+    trainer = Trainer(cfg)
+    print(f"steppo_fast demo: the 'lights' task (3-8 turns, reward 1 only if every answer is right; "
+          f"a random go/stop policy succeeds {lights.random_success_probability():.1%}),")
+    print(f"StepPO (step GAE + step-ratio loss) on a tiny Qwen2 built in code "
+          f"({sum(p.numel() for p in trainer.model.parameters()) / 1e3:.0f}k parameters with the critic), "
+          f"{torch.get_num_threads()} CPU threads, {cfg.groups * cfg.group_size} episodes per update.")
+    before = trainer.evaluate()
+    print(f"success before training: {before:.3f} ({cfg.eval_episodes} held-out episodes)")
+    t0 = time.perf_counter()
+    history = trainer.train()
+    wall = time.perf_counter() - t0
+    after = trainer.evaluate()
+    per = [m["rollout_s"] + m["update_s"] for m in history]
+    print(f"success after {len(history)} updates: {after:.3f} ({cfg.eval_episodes} held-out episodes)")
+    print(f"time per update: {sum(per) / len(per):.3f} s mean (rollout {sum(m['rollout_s'] for m in history) / len(per):.3f} s, "
+          f"update {sum(m['update_s'] for m in history) / len(per):.3f} s); training took {wall:.1f} s")
+    print("kernel backends used:")
+    for op, b in backends_used(trainer).items():
+        print(f"  {op:24s} {b}")
+    print(f"metrics: {cfg.out_dir}/metrics.jsonl, curve: {cfg.out_dir}/learning_curve.png, "
+          f"model: {cfg.out_dir}/final")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="steppo-fast", description="Fast, exact StepPO training math.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -47,6 +135,34 @@ def main(argv=None) -> int:
     b.set_defaults(fn=_cmd_bench)
     i = sub.add_parser("info", help="compiled modules and the backends of every op")
     i.set_defaults(fn=_cmd_info)
+    t = sub.add_parser("train", help="train an agent with StepPO or a baseline in a built-in environment",
+                       description="Flags override the YAML config; --set key=value sets any other TrainConfig "
+                                   "field. Under torchrun the same command trains data-parallel.")
+    t.add_argument("--env", default=None, help="environment: hotpot or lights (default lights)")
+    t.add_argument("--estimator", default=None,
+                   help="step_gae (StepPO, default), token_gae, grpo, rloo, gigpo or reinforce_pp")
+    t.add_argument("--config", default=None, help="YAML file of TrainConfig fields")
+    t.add_argument("--model", default=None, help="local HF causal LM folder (default: a tiny Qwen2 built in code)")
+    t.add_argument("--critic", default=None, choices=["separate", "shared"], help="critic backbone")
+    t.add_argument("--updates", type=int, default=None)
+    t.add_argument("--groups", type=int, default=None, help="tasks per update")
+    t.add_argument("--group-size", dest="group_size", type=int, default=None, help="episodes per task")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--temperature", type=float, default=None)
+    t.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    t.add_argument("--out", default=None, help="run folder: metrics.jsonl, checkpoint.pt, learning_curve.png")
+    t.add_argument("--save-every", dest="save_every", type=int, default=None)
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    t.set_defaults(fn=_cmd_train)
+    d = sub.add_parser("demo", help="train the quick task with StepPO on the CPU and show before/after")
+    d.add_argument("--updates", type=int, default=30)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(fn=_cmd_demo)
     args = p.parse_args(argv)
     return args.fn(args)
 

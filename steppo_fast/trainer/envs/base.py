@@ -21,6 +21,16 @@ class Environment(Protocol):
     agent's whole response for the turn (free text: a malformed action must give a
     penalty observation, never an exception) and returns a :class:`StepResult`.
     ``max_steps`` bounds an episode's turns.
+
+    Optional, used by the trainer when present:
+
+    * ``vocabulary() -> list of str``: every word of the task's texts, from which the trainer
+      builds a word-level tokenizer in code (without it, give a model path with a tokenizer).
+    * ``action_words``: the words a response may use. The policy then samples from those
+      tokens (and end-of-step) only, and the training log-probs use the same restricted head,
+      so the ratio stays exact. Without it the policy samples from the whole vocabulary.
+    * ``max_action_words``: words in the longest action; the default tokens per step is one
+      more (for end-of-step).
     """
 
     max_steps: int

@@ -29,12 +29,21 @@ class LightsEnv:
 
     max_steps = max(LENGTHS)
     actions = ("go", "stop")
+    # Optional protocol attributes (see base.Environment): the words a response may use and
+    # how many of them an action needs.
+    action_words = actions
+    max_action_words = 1
 
     def __init__(self):
         self._rng = random.Random()
         self._lights = []
         self._t = 0
         self._all_right = True
+
+    @staticmethod
+    def vocabulary():
+        """Every word an observation or an action can contain (for tokenizers built in code)."""
+        return ["light", "red", "green", "invalid", "answer;", *LightsEnv.actions]
 
     def reset(self, seed: Optional[int] = None) -> str:
         if seed is not None:

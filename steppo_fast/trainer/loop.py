@@ -1,0 +1,431 @@
+"""The training loop: rollout -> credit assignment -> PPO epochs on the fused kernels.
+
+One update, top to bottom (:meth:`Trainer.update`):
+
+1. ``play``: the batch's episodes, one response per step (``rollout.py``).
+2. One no-grad forward over the packed rows: the behaviour log-probs (``linear_token_logprobs``,
+   hidden states x lm_head without logits) and the critic's token-aligned values.
+3. ``compute_advantages(estimator, layout, ...)``: step GAE reads the values at each step's
+   first agent token; whitening uses the statistics of all data-parallel ranks.
+4. PPO epochs over shuffled minibatches of trajectories: ``StepPOLoss`` on hidden states and
+   the lm_head weight, the clipped value loss at step boundaries, gradient clipping, AdamW.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import replace
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import advantages as adv_mod
+from ..logprob import linear_token_logprobs
+from ..losses import LossConfig, StepPOLoss, value_loss
+from ..ops import available_backends, resolve_backend
+from . import envs
+from .config import TrainConfig
+from .models import ActorCritic, attn_implementation, build_policy, build_tokenizer
+from .rollout import Batch, Sampler, play
+
+EVAL_SEED_BASE = 1_000_000_007  # evaluation tasks never coincide with training tasks
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training stopped because a loss or gradient became NaN or infinite."""
+
+
+def _mix(*xs: int) -> int:
+    """A deterministic 63-bit seed from integers (SplitMix64 steps)."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class Trainer:
+    """A StepPO (or baseline) trainer for one environment; see the module docstring.
+
+    Under ``torchrun`` each rank plays ``groups / world_size`` of the tasks, the model is wrapped
+    in DistributedDataParallel (gloo on the CPU, nccl on GPUs), losses are normalised by the
+    global step and token counts so the averaged gradient is the global batch's, and rank 0
+    writes the logs and checkpoints.
+    """
+
+    def __init__(self, config: TrainConfig):
+        self.cfg = cfg = config
+        self.world, self.rank = 1, 0
+        if dist.is_available() and dist.is_initialized():
+            self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        if cfg.groups % self.world:
+            raise ValueError(f"groups ({cfg.groups}) must be divisible by the number of processes ({self.world})")
+        self.local_groups = cfg.groups // self.world
+        if self.local_groups * cfg.group_size < cfg.minibatches:
+            raise ValueError(f"minibatches ({cfg.minibatches}) exceeds the episodes per process "
+                             f"({self.local_groups * cfg.group_size})")
+        self.device = self._device()
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.env_factory = lambda: envs.make_env(cfg.env, **cfg.env_kwargs)
+        probe = self.env_factory()
+        vocab = probe.vocabulary() if hasattr(probe, "vocabulary") else None
+        tokenizer = build_tokenizer(vocab) if (vocab is not None and cfg.model is None) else None
+        attn = attn_implementation(cfg.attn_implementation, self.device)
+        policy, self.tokenizer = build_policy(cfg.model, tokenizer, cfg.model_config, attn, cfg.seed)
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token: the trainer ends each step at end-of-sequence")
+        self.model = ActorCritic(policy, cfg.critic if cfg.needs_critic else None, cfg.seed).to(self.device)
+        self.allowed = self._allowed_tokens(probe)
+        if self.allowed is not None:
+            rows = self.model.lm_head.weight.shape[0]
+            self._label_rows = torch.zeros(rows, dtype=torch.long, device=self.device)
+            self._label_rows[self.allowed] = torch.arange(len(self.allowed), device=self.device)
+        max_new = cfg.max_new_tokens or (getattr(probe, "max_action_words", 15) + 1)
+        self.sampler = Sampler(self.model, self.tokenizer, self.allowed, max_new, cfg.temperature, self._autocast)
+        self.ddp = None
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DDP(self.model, device_ids=ids)
+        groups = [{"params": self.model.policy_parameters(), "lr": cfg.lr}]
+        if self.model.critic_parameters():
+            groups.append({"params": self.model.critic_parameters(), "lr": cfg.critic_lr})
+        self.optim = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        preset = "steppo" if cfg.estimator == "step_gae" else "ppo"
+        self.loss_cfg = LossConfig.preset(preset, **cfg.loss)
+        self.loss_fn = StepPOLoss(self.loss_cfg, temperature=cfg.temperature, backend=cfg.backend)
+        # value_loss has only the reference (a few elementwise ops over steps): ask for it by name.
+        self.vf_backend = cfg.backend
+        if cfg.backend == "auto" and available_backends("value_loss", self.device.type) == ["reference"]:
+            self.vf_backend = "reference"
+        self.start_update = 0
+        self.history: List[Dict[str, float]] = []
+
+    # ------------------------------------------------------------------ set-up
+    def _device(self) -> torch.device:
+        d = self.cfg.device
+        if d == "auto":
+            d = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(d)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError("device 'cuda' was requested but no GPU is available")
+            if dev.index is None:
+                dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(dev)
+        return dev
+
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _allowed_tokens(self, env) -> Optional[torch.Tensor]:
+        words = getattr(env, "action_words", None)
+        if self.cfg.full_vocab or not words:
+            return None
+        ids = []
+        for w in words:
+            t = self.tokenizer.encode(w, add_special_tokens=False)
+            if len(t) != 1 or t[0] == self.tokenizer.unk_token_id:
+                raise ValueError(f"action word {w!r} is not one token of the tokenizer; use full_vocab")
+            ids.append(t[0])
+        ids.append(self.tokenizer.eos_token_id)
+        return torch.tensor(sorted(set(ids)), dtype=torch.long, device=self.device)
+
+    # ------------------------------------------------------------------ pieces
+    def head(self):
+        """(weight, bias) the loss reads: the lm_head or its rows of the allowed tokens."""
+        return self.sampler.head()
+
+    def head_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Token ids -> rows of :meth:`head` (non-agent positions map to 0; the loss masks them)."""
+        if self.allowed is None:
+            return labels
+        return self._label_rows[labels]
+
+    def forward(self, batch: Batch):
+        """hidden (R, L-1, H) predicting each next token, values (R, L-1) or None."""
+        module = self.ddp if self.ddp is not None else self.model
+        with self._autocast():
+            hidden, values = module(batch.input_ids, batch.attention_mask)
+        hidden = hidden[:, :-1]
+        values = None if values is None else values[:, :-1].float()
+        return hidden, values
+
+    def tasks(self, update: int, count: int, base: int = 0):
+        """This rank's (group, env seed) pairs for ``update``: a function of the update alone."""
+        first = self.rank * count
+        return [(first + g, _mix(self.cfg.seed, base, update, first + g) % (2 ** 31)) for g in range(count)]
+
+    def generator(self, *key: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(_mix(self.cfg.seed, self.rank, *key))
+        return g
+
+    def _all_sum(self, *xs: float) -> List[float]:
+        if self.world == 1:
+            return list(xs)
+        t = torch.tensor(xs, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, episodes: Optional[int] = None) -> float:
+        """Success rate (share of episodes with a positive return) on held-out tasks, sampling at
+        the training temperature; all ranks together."""
+        n = self.cfg.eval_episodes if episodes is None else episodes
+        local = -(-n // self.world)
+        self.model.eval()
+        eps = play(self.sampler, self.env_factory, self.tasks(0, local, base=EVAL_SEED_BASE), 1,
+                   self.generator(EVAL_SEED_BASE))
+        self.model.train()
+        won, total = self._all_sum(sum(e.score > 0 for e in eps), len(eps))
+        return won / total
+
+    # ------------------------------------------------------------------ one update
+    def update(self, u: int) -> Dict[str, float]:
+        cfg, model = self.cfg, self.model
+        t0 = time.perf_counter()
+        model.eval()
+        gen = self.generator(u)
+        episodes = play(self.sampler, self.env_factory, self.tasks(u, self.local_groups), cfg.group_size, gen)
+        model.train()
+        batch = Batch.pack(episodes, self.sampler.pad, self.device)
+        t1 = time.perf_counter()
+        layout = batch.layout
+
+        with torch.no_grad():
+            hidden, values = self.forward(batch)
+            w, b = self.head()
+            old_logp, entropy = linear_token_logprobs(hidden, w.to(hidden.dtype), self.head_labels(batch.labels),
+                                                      layout, cfg.temperature,
+                                                      None if b is None else b.to(hidden.dtype),
+                                                      backend=cfg.backend)
+            pg = True if self.world > 1 else None
+            adv = adv_mod.compute(cfg.estimator, layout, step_rewards=batch.step_rewards, values=values,
+                                  gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten, anchor_keys=batch.anchors,
+                                  step_weight=cfg.gigpo_step_weight, process_group=pg, backend=cfg.backend)
+        sums = {k: 0.0 for k in ("pg_loss", "vf_loss", "pg_clipfrac", "ppo_kl", "vf_clipfrac", "grad_norm")}
+        n_mb = 0
+        R = batch.input_ids.shape[0]
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(R, generator=gen, device=self.device)
+            for idx in perm.tensor_split(cfg.minibatches):
+                m = self._minibatch(batch, idx, old_logp, adv, values)
+                for k in sums:
+                    sums[k] += m.get(k, 0.0)
+                n_mb += 1
+        t2 = time.perf_counter()
+
+        scores = batch.scores
+        agent = layout.token_mask
+        won, n_eps, steps, ret, toks, ent = self._all_sum(
+            float((scores > 0).sum()), float(R), float(layout.num_steps), float(scores.sum()),
+            float(agent.sum()), float((entropy.reshape(-1) * agent).sum()))
+        out = {"update": u, "success": won / n_eps, "return": ret / n_eps, "steps_per_episode": steps / n_eps,
+               "tokens_per_step": toks / steps, "entropy": ent / max(toks, 1.0)}
+        out.update({k: v / n_mb for k, v in sums.items()})
+        out.update({"rollout_s": t1 - t0, "update_s": t2 - t1})
+        return out
+
+    def _minibatch(self, batch: Batch, idx: torch.Tensor, old_logp, adv, old_values) -> Dict[str, float]:
+        cfg = self.cfg
+        mb = batch.rows(idx)
+        T = mb.labels.shape[1]
+        lay = mb.layout
+        o_logp = old_logp[idx, :T]
+        a_tok = adv.token_advantages[idx, :T]
+        n_steps, n_tok = lay.num_steps, float(lay.num_active_tokens)
+        g_steps, g_tok = self._all_sum(float(n_steps), n_tok)
+        loss_cfg = self.loss_cfg
+        scale = 1.0
+        if self.world > 1:
+            # Normalise by the global counts; DDP averages gradients, so scale back by the world.
+            loss_cfg = replace(loss_cfg, global_num_steps=g_steps, global_num_tokens=g_tok)
+            scale = float(self.world)
+        self.loss_fn.config = loss_cfg
+        hidden, values = self.forward(mb)
+        w, b = self.head()
+        pg_loss, metrics = self.loss_fn(hidden, self.head_labels(mb.labels), lay, o_logp, a_tok,
+                                        weight=w.to(hidden.dtype), bias=None if b is None else b.to(hidden.dtype))
+        loss = pg_loss * scale
+        out = {"pg_loss": pg_loss, "pg_clipfrac": metrics["pg_clipfrac"], "ppo_kl": metrics["ppo_kl"]}
+        if values is not None:
+            ret_tok = adv.token_returns[idx, :T]
+            ov_tok = old_values[idx, :T]
+            if cfg.estimator == "step_gae":  # the critic is read at step boundaries (SPEC 8)
+                v, ov, r = (lay.step_values_from_tokens(x) for x in (values, ov_tok, ret_tok))
+                vf, vf_clip = value_loss(v, ov, r, None, cfg.value_clip, backend=self.vf_backend)
+                count, g_count = float(n_steps), g_steps
+            else:  # token-level PPO: one value per agent token
+                msk = lay.token_mask
+                vf, vf_clip = value_loss(values.reshape(-1), ov_tok.reshape(-1), ret_tok.reshape(-1), msk,
+                                         cfg.value_clip, backend=self.vf_backend)
+                count, g_count = n_tok, g_tok
+            loss = loss + cfg.vf_coef * vf * (count / g_count * self.world)
+            out.update(vf_loss=vf, vf_clipfrac=vf_clip)
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.model.policy_parameters(), cfg.max_grad_norm)
+        if self.model.critic_parameters():
+            torch.nn.utils.clip_grad_norm_(self.model.critic_parameters(), cfg.max_grad_norm)
+        out["grad_norm"] = gn
+        vals = {k: float(v.detach()) for k, v in out.items()}  # host reads once per minibatch
+        if not all(math.isfinite(v) for v in vals.values()):
+            bad = ", ".join(k for k, v in vals.items() if not math.isfinite(v))
+            raise NonFiniteLoss(f"non-finite {bad}")
+        self.optim.step()
+        return vals
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.cfg.out_dir, "checkpoint.pt")
+
+    def save(self, next_update: int) -> None:
+        if self.rank != 0:
+            return
+        os.makedirs(self.cfg.out_dir, exist_ok=True)
+        state = {
+            "update": next_update,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optim": self.optim.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
+            "history": self.history,
+        }
+        tmp = self.ckpt_path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt_path)  # never a half-written checkpoint
+
+    def load(self, path: Optional[str] = None) -> int:
+        """Restore model, optimiser, RNG and position from a checkpoint; returns the next update."""
+        path = path or self.ckpt_path
+        if not os.path.exists(path):
+            raise ValueError(f"no checkpoint to resume from at {path!r}")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optim.load_state_dict(state["optim"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.history = list(state["history"])
+        self.start_update = int(state["update"])
+        return self.start_update
+
+    def save_final(self) -> str:
+        """The trained policy and tokenizer in HF format (loadable with ``model: <path>``)."""
+        path = os.path.join(self.cfg.out_dir, "final")
+        if self.rank == 0:
+            self.model.policy.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+        return path
+
+    # ------------------------------------------------------------------ the run
+    def train(self, resume: bool = False, stop_after: Optional[int] = None) -> List[Dict[str, float]]:
+        """Run updates ``start .. cfg.updates`` (``stop_after``: stop early, for tests and demos).
+
+        Prints a progress bar and a line per update, appends metrics to ``metrics.jsonl`` and
+        saves a checkpoint every ``save_every`` updates and at the end. A non-finite loss stops
+        the run with :class:`NonFiniteLoss`; the last checkpoint on disk is the last good state.
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if resume:
+            self.load()
+        main = self.rank == 0
+        if main:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            self._rewrite_metrics()
+        end = cfg.updates if stop_after is None else min(cfg.updates, stop_after)
+        bar = tqdm(range(self.start_update, end), total=cfg.updates, initial=self.start_update,
+                   disable=not (main and cfg.progress), desc=f"{cfg.env}/{cfg.estimator}", unit="update")
+        last_saved = self.start_update if resume else None
+        for u in bar:
+            try:
+                m = self.update(u)
+            except NonFiniteLoss as e:
+                where = f"{self.ckpt_path} (update {last_saved})" if last_saved is not None else "none saved yet"
+                raise NonFiniteLoss(f"update {u}: {e}; training stopped. Last good checkpoint: {where}") from None
+            self.history.append(m)
+            if main:
+                with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                bar.set_postfix(success=f"{m['success']:.2f}", pg=f"{m['pg_loss']:.3f}")
+                if (u + 1) % cfg.log_every == 0 or u + 1 == end:
+                    if cfg.progress:
+                        bar.write(self.format_line(m))
+                    else:
+                        print(self.format_line(m), flush=True)
+            if (u + 1) % cfg.save_every == 0 or u + 1 == end:
+                self.save(u + 1)
+                last_saved = u + 1
+        bar.close()
+        if main and self.history:
+            from .plot import learning_curve
+
+            learning_curve(self.history, os.path.join(cfg.out_dir, "learning_curve.png"),
+                           f"{cfg.env} / {cfg.estimator}")
+            if end == cfg.updates:
+                self.save_final()
+        return self.history
+
+    def _rewrite_metrics(self) -> None:
+        """metrics.jsonl holds exactly the history so far (a resumed run drops later lines)."""
+        with open(os.path.join(self.cfg.out_dir, "metrics.jsonl"), "w") as f:
+            for m in self.history:
+                f.write(json.dumps(m) + "\n")
+
+    @staticmethod
+    def format_line(m: Dict[str, float]) -> str:
+        return (f"update {m['update']:4d}  success {m['success']:.3f}  return {m['return']:.3f}  "
+                f"steps {m['steps_per_episode']:.2f}  pg_loss {m['pg_loss']:+.4f}  vf_loss {m['vf_loss']:.4f}  "
+                f"clipfrac {m['pg_clipfrac']:.3f}  kl {m['ppo_kl']:+.4f}  entropy {m['entropy']:.3f}  "
+                f"rollout {m['rollout_s']:.2f}s  update {m['update_s']:.2f}s")
+
+
+def backends_used(trainer: "Trainer") -> Dict[str, str]:
+    """The kernel backend each op of the trainer runs on, on the trainer's device."""
+    dev, b = trainer.device, trainer.cfg.backend
+    est = trainer.cfg.estimator
+    whiten = ["whiten_moments", "whiten_apply"]
+    credit = {"step_gae": ["step_gae", *whiten], "token_gae": ["token_gae", *whiten],
+              "reinforce_pp": ["token_gae", *whiten], "grpo": ["step_rewards", "group_advantage"],
+              "rloo": ["step_rewards", "group_advantage"],
+              "gigpo": ["step_rewards", "group_advantage", "step_gae"]}[est]
+    ops = ["linear_token_logprobs", "linear_policy_loss", *credit, "broadcast_to_tokens"]
+    out = {op: resolve_backend(op, dev, b) for op in ops}
+    if trainer.cfg.needs_critic:
+        out["value_loss"] = resolve_backend("value_loss", dev, trainer.vf_backend)
+    return out
+
+
+def run(config: TrainConfig, resume: bool = False, stop_after: Optional[int] = None) -> List[Dict[str, float]]:
+    """Train under ``config``; under ``torchrun`` (WORLD_SIZE > 1) first join the process group
+    (nccl on GPUs, gloo on the CPU) and leave it at the end."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    joined = False
+    if world > 1 and not dist.is_initialized():
+        gpu = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+        dist.init_process_group("nccl" if gpu else "gloo")
+        joined = True
+    try:
+        return Trainer(config).train(resume=resume, stop_after=stop_after)
+    finally:
+        if joined:
+            dist.destroy_process_group()
