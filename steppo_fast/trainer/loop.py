@@ -232,9 +232,16 @@ class Trainer:
         won, n_eps, steps, ret, toks, ent = self._all_sum(
             float((scores > 0).sum()), float(R), float(layout.num_steps), float(scores.sum()),
             float(agent.sum()), float((entropy.reshape(-1) * agent).sum()))
-        out = {"update": u, "success": won / n_eps, "return": ret / n_eps, "steps_per_episode": steps / n_eps,
+        out = {"update": u, "episodes": int(n_eps), "world_size": self.world, "success": won / n_eps, "return": ret / n_eps, "steps_per_episode": steps / n_eps,
                "tokens_per_step": toks / steps, "entropy": ent / max(toks, 1.0)}
-        out.update({k: v / n_mb for k, v in sums.items()})
+        means = {k: v / n_mb for k, v in sums.items()}
+        if self.world > 1:
+            # pg_loss is normalised by global counts: its sum over ranks is the global loss;
+            # the other metrics are local means, averaged over ranks.
+            keys = sorted(means)
+            tot = self._all_sum(*(means[k] for k in keys))
+            means = {k: t if k == "pg_loss" else t / self.world for k, t in zip(keys, tot)}
+        out.update(means)
         out.update({"rollout_s": t1 - t0, "update_s": t2 - t1})
         return out
 

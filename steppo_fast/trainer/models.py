@@ -35,6 +35,26 @@ def build_tokenizer(words: Sequence[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
 
 
+def load_tokenizer(path: str):
+    """The tokenizer saved in ``path``, of the class it was saved as.
+
+    A plain ``tokenizers`` tokenizer (as built in code here) is loaded as such: AutoTokenizer would
+    pick the model type's tokenizer class from config.json and rebuild it without our pre-tokenizer.
+    """
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    saved_class = None
+    if os.path.exists(cfg_file):
+        with open(cfg_file) as f:
+            saved_class = json.load(f).get("tokenizer_class")
+    if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
 def check_model_path(path: str) -> None:
     if not os.path.isdir(path):
         raise ValueError(f"model path {path!r} does not exist or is not a directory "
@@ -54,15 +74,15 @@ def attn_implementation(requested: str, device: torch.device) -> str:
 
 def build_policy(model: Optional[str], tokenizer, model_config: dict, attn: str, seed: int):
     """(policy, tokenizer): a tiny Qwen2 from ``model_config`` over ``tokenizer``, or a local model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from .config import TINY_MODEL
 
     if model is not None:
         check_model_path(model)
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(model)
-        policy = AutoModelForCausalLM.from_pretrained(model, attn_implementation=attn, torch_dtype=torch.float32)
+            tokenizer = load_tokenizer(model)
+        policy = AutoModelForCausalLM.from_pretrained(model, attn_implementation=attn, dtype=torch.float32)
         return policy, tokenizer
     if tokenizer is None:
         raise ValueError("a model built in code needs a tokenizer: the environment has no vocabulary()")
@@ -128,7 +148,8 @@ class ActorCritic(nn.Module):
                                       use_cache=False).last_hidden_state
         else:
             ch = hidden
-        values = self.value_head(ch.float()).squeeze(-1)
+        with torch.autocast(ch.device.type, enabled=False):  # values in fp32 under mixed precision
+            values = self.value_head(ch.float()).squeeze(-1)
         return hidden, values
 
     def policy_parameters(self):
