@@ -121,7 +121,8 @@ class CoinEnv:
 def test_every_estimator_trains_a_user_environment(tmp_path, monkeypatch, estimator):
     from steppo_fast.trainer import envs
 
-    monkeypatch.setitem(envs.ENVIRONMENTS, "coin", CoinEnv)
+    monkeypatch.setattr(envs, "ENVIRONMENTS", dict(envs.ENVIRONMENTS))
+    envs.register("coin", CoinEnv)
     tr = Trainer(_cfg(tmp_path, estimator=estimator, env="coin", updates=1))
     before = _params(tr.model)
     m = tr.train()[0]
@@ -243,3 +244,9 @@ def test_data_parallel_under_torchrun(tmp_path):
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["update"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values()
                                         if v.is_floating_point())
+
+
+def test_the_shipped_example_config_is_valid():
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "hotpot_steppo.yaml")
+    cfg = TrainConfig.load(path, updates=1)
+    assert cfg.env == "hotpot" and cfg.estimator == "step_gae" and cfg.updates == 1

@@ -24,12 +24,24 @@ from .lights import LightsEnv
 
 ENVIRONMENTS: Dict[str, Callable[..., Environment]] = {"lights": LightsEnv, "hotpot": HotpotEnv}
 
-__all__ = ["ENVIRONMENTS", "Environment", "HotpotEnv", "LightsEnv", "StepResult", "make_env", "names"]
+__all__ = ["ENVIRONMENTS", "Environment", "HotpotEnv", "LightsEnv", "StepResult", "make_env", "names", "register"]
 
 
 def names() -> List[str]:
     """Names of the built-in environments."""
     return sorted(ENVIRONMENTS)
+
+
+def register(name: str, factory: Callable[..., Environment]) -> None:
+    """Make your own environment trainable by name (``TrainConfig(env=name)``, ``--env name``).
+
+    ``factory(**env_kwargs)`` must return a new instance following :class:`Environment`.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable (a class or function), got {type(factory).__name__}")
+    ENVIRONMENTS[name] = factory
 
 
 def make_env(name: str, **kwargs) -> Environment:
