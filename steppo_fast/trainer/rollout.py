@@ -10,6 +10,7 @@ packed into one row per trajectory (observations, responses, observations, ...),
 from __future__ import annotations
 
 import contextlib
+import inspect
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
@@ -87,6 +88,8 @@ class Sampler:
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         backbone = self.model.backbone()
+        # transformers renamed past_key_values to cache (argument and output field) in 5.x.
+        cache_name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
         w, b = self.head()
         w = w.float()
         finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -110,7 +113,7 @@ class Sampler:
             pos = pos[:, -1:] + 1
             with self.autocast():
                 out = backbone(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
-                               past_key_values=out.past_key_values, use_cache=True)
+                               use_cache=True, **{cache_name: getattr(out, cache_name)})
         toks = torch.stack(out_tokens, dim=1).tolist()
         responses = []
         for row in toks:
