@@ -35,4 +35,8 @@ for op in "${ops[@]}"; do
   python3 -m steppo_fast.cli bench --op "$op" --device cuda --out "$OUT" --no-progress 2>&1 | tee "$OUT/bench_$op.log" \
     | grep '^|' | tail -40
 done
+
+echo "== trainer on cuda (bf16 autocast; flash-attn 2 when installed)"
+python3 -m steppo_fast.cli train --env lights --updates 20 --device cuda --no-progress --out "$OUT/train_lights" \
+  --set save_every=20 2>&1 | tee "$OUT/train_lights.log" | tail -6
 exit "$tests_rc"
