@@ -83,33 +83,18 @@ def summarise(runs: List[Dict]) -> List[Dict]:
 
 
 def plot(runs: List[Dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from steppo_fast.trainer.plot import smooth
+    from steppo_fast.trainer.plot import pyplot, save, success_bands
 
     envs = list(dict.fromkeys(r["env"] for r in runs))
-    fig, axes = plt.subplots(1, len(envs), figsize=(6 * len(envs), 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(envs), figsize=(6 * len(envs), 4), squeeze=False)
     for ax, env in zip(axes[0], envs):
-        for name, est in METHODS.items():
-            rs = [smooth(r["curve"], WINDOW) for r in runs if r["env"] == env and r["estimator"] == est]
-            if not rs:
-                continue
-            n = min(len(r) for r in rs)
-            xs = list(range(n))
-            mean = [sum(r[i] for r in rs) / len(rs) for i in xs]
-            (line,) = ax.plot(xs, mean, label=name)
-            ax.fill_between(xs, [min(r[i] for r in rs) for i in xs], [max(r[i] for r in rs) for i in xs],
-                            color=line.get_color(), alpha=0.15)
-        ax.set(title=f"{env} ({len(rs)} seeds, band: min-max)", xlabel="update",
-               ylabel=f"training success (mean of {WINDOW} updates)", ylim=(-0.02, 1.02))
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        curves = {name: [r["curve"] for r in runs if r["env"] == env and r["estimator"] == est]
+                  for name, est in METHODS.items()}
+        curves = {k: v for k, v in curves.items() if v}
+        success_bands(ax, curves, WINDOW)
+        seeds = max(len(v) for v in curves.values())
+        ax.set(title=f"{env} ({seeds} seeds, band: min-max)", ylabel=f"training success (mean of {WINDOW} updates)")
+    save(fig, path)
 
 
 def main(argv=None) -> int:
