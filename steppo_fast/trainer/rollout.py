@@ -225,6 +225,7 @@ class Batch:
         mask = self.attention_mask[idx]
         L = int(mask.sum(1).max())
         ids, mask, sid = self.input_ids[idx, :L], mask[:, :L], self.step_ids[idx, :L - 1]
-        layout = StepLayout.from_packed(sid.contiguous(), group_id=self.group[idx])
+        # Rows of a validated batch: no need to check (and sync) again per minibatch.
+        layout = StepLayout.from_packed(sid.contiguous(), group_id=self.group[idx], validate=False)
         return Batch(ids, mask, ids[:, 1:].contiguous(), sid.contiguous(), self.group[idx], layout,
                      self.step_rewards.new_zeros(0), self.anchors.new_zeros(0), self.scores[idx])
