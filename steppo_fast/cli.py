@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -80,7 +81,7 @@ def _cmd_train(args) -> int:
     except ValueError as e:
         print(f"steppo-fast train: {e}", file=sys.stderr)
         return 2
-    if history and int(__import__("os").environ.get("RANK", "0")) == 0:
+    if history and int(os.environ.get("RANK", "0")) == 0:
         print(f"final success {history[-1]['success']:.3f}; metrics, checkpoint and learning curve in {cfg.out_dir}")
     return 0
 
@@ -111,8 +112,10 @@ def _cmd_demo(args) -> int:
     after = trainer.evaluate()
     per = [m["rollout_s"] + m["update_s"] for m in history]
     print(f"success after {len(history)} updates: {after:.3f} ({cfg.eval_episodes} held-out episodes)")
-    print(f"time per update: {sum(per) / len(per):.3f} s mean (rollout {sum(m['rollout_s'] for m in history) / len(per):.3f} s, "
-          f"update {sum(m['update_s'] for m in history) / len(per):.3f} s); training took {wall:.1f} s")
+    n = len(history)
+    rollout, update = (sum(m[k] for m in history) / n for k in ("rollout_s", "update_s"))
+    print(f"time per update: {sum(per) / n:.3f} s mean (rollout {rollout:.3f} s, update {update:.3f} s); "
+          f"training took {wall:.1f} s")
     print("kernel backends used:")
     for op, b in backends_used(trainer).items():
         print(f"  {op:24s} {b}")
