@@ -1,11 +1,13 @@
 """StepLayout: where every step, trajectory and group of a batch lives (SPEC section 1).
 
-Two input layouts map to one internal form:
+Three input layouts map to one internal form:
 
 * **step rows** (StepPO / verl): one row of the (B, T) token tensors per step, with
   per-row ``trajectory_id``, ``step_index`` and ``group_id``; rows may come in any order.
 * **packed trajectories**: one row per trajectory; ``step_ids`` (B, T) is -1 on
   prompt/observation/padding tokens and k on step k's agent tokens.
+* **turns** (verl's agent loop, TRL's tool calling): one row per trajectory with only a
+  mask; each maximal run of agent tokens in a row is one step (``from_turns``).
 
 Internally steps get global ids ``s = 0..S-1``, numbered contiguously per trajectory
 in k order, trajectories ``r = 0..R-1`` (sorted by the caller's trajectory id for step
@@ -24,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["StepLayout"]
+__all__ = ["StepLayout", "step_ids_from_turns"]
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -338,6 +340,51 @@ class StepLayout:
                            traj_group, traj_ids, group_ids, None)
 
     @classmethod
+    def from_turns(
+        cls,
+        response_mask: torch.Tensor,
+        group_id: Optional[torch.Tensor] = None,
+        step_starts: Optional[torch.Tensor] = None,
+        validate: bool = True,
+    ) -> "StepLayout":
+        """Layout of one row per trajectory whose steps are the turns found in the mask.
+
+        This is the layout multi-turn trainers produce (verl's agent loop, TRL's tool calling):
+        a row holds turn 1's response, the tool or environment tokens, turn 2's response, and so
+        on, and the mask is 1 only on the tokens the model generated. Each maximal run of agent
+        tokens in a row is one step, so step k of row b is its (k+1)-th run. Rows are
+        trajectories in row order (``traj_ids`` = 0..B-1).
+
+        Args:
+            response_mask: (B, T) bool or 0/1 integer/float tensor, True on agent tokens.
+            group_id: (B,) integer group (task) of each trajectory; None gives each its own.
+            step_starts: optional (B, T) bool/0-1 tensor, True on agent tokens that begin a new
+                step even though the token before them is an agent token too (for turns that
+                follow each other with no tool tokens in between). Ignored off the mask.
+            validate: check that every row has at least one agent token (a trajectory with no
+                step is almost always a mistake in the mask) and that group ids are
+                non-negative; one synchronisation on CUDA.
+
+        Built with tensor operations only (no loop over rows or steps); works on any device.
+        :func:`step_ids_from_turns` gives the same steps as a (B, T) ``step_ids`` tensor.
+        """
+        step_ids = step_ids_from_turns(response_mask, step_starts)
+        B = step_ids.shape[0]
+        if B == 0:
+            raise ValueError("empty batch: response_mask has 0 rows")
+        _check_rows("group_id", group_id, B, step_ids.device, "response_mask")
+        if validate:
+            empty = (step_ids < 0).all(dim=1)
+            if bool(empty.any()):
+                r = _first_true(empty)
+                raise ValueError(f"row {r}: response_mask has no agent token, so the trajectory has no step; "
+                                 "drop the row or mark its generated tokens")
+            if group_id is not None and bool((group_id < 0).any()):
+                r = _first_true(group_id < 0)
+                raise ValueError(f"group_id must be non-negative: row {r} has {int(group_id[r])}")
+        return cls.from_packed(step_ids, group_id, validate=False)
+
+    @classmethod
     def _finish(cls, shape, token_step, step_traj, step_pos, traj_step_offsets, traj_group, traj_ids,
                 group_ids, row_step) -> "StepLayout":
         S = step_traj.numel()
@@ -367,6 +414,37 @@ class StepLayout:
             num_active_tokens=int(active.numel()),
             step_token_offsets_host=step_token_offsets.cpu(),
         )
+
+
+def step_ids_from_turns(response_mask: torch.Tensor, step_starts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, T) int64 step ids from a multi-turn mask: -1 off the mask, k on the (k+1)-th run of agent tokens.
+
+    Args:
+        response_mask: (B, T) bool or 0/1 integer/float tensor, True on agent tokens.
+        step_starts: optional (B, T) bool or 0/1 tensor; an agent token marked here starts a new step
+            even when the token before it is an agent token.
+    Returns:
+        (B, T) int64 tensor on the mask's device, as :meth:`StepLayout.from_packed` takes it.
+    """
+    if not isinstance(response_mask, torch.Tensor):
+        raise TypeError(f"response_mask must be a torch.Tensor, got {type(response_mask).__name__}")
+    if response_mask.dim() != 2:
+        raise ValueError(f"response_mask must have shape (B, T), got {tuple(response_mask.shape)}")
+    mask = _as_bool_mask("response_mask", response_mask)
+    prev = torch.zeros_like(mask)
+    prev[:, 1:] = mask[:, :-1]
+    start = mask & ~prev
+    if step_starts is not None:
+        if not isinstance(step_starts, torch.Tensor):
+            raise TypeError(f"step_starts must be a torch.Tensor, got {type(step_starts).__name__}")
+        if step_starts.shape != mask.shape:
+            raise ValueError(f"step_starts must have the shape of response_mask {tuple(mask.shape)}, "
+                             f"got {tuple(step_starts.shape)}")
+        if step_starts.device != mask.device:
+            raise ValueError(f"step_starts is on {step_starts.device} but response_mask is on {mask.device}")
+        start = start | (mask & _as_bool_mask("step_starts", step_starts))
+    k = torch.cumsum(start, dim=1, dtype=torch.int64) - 1
+    return torch.where(mask, k, torch.full_like(k, -1))
 
 
 def _as_bool_mask(name: str, mask: torch.Tensor) -> torch.Tensor:

@@ -130,3 +130,66 @@ def test_packed_errors():
         StepLayout.from_packed(torch.tensor([[0, 1, 2]]), num_steps=torch.tensor([2]))
     with pytest.raises(ValueError, match="group_id must be non-negative: trajectory 1"):
         StepLayout.from_packed(torch.tensor([[0], [0]]), torch.tensor([0, -1]))
+
+
+# ------------------------------------------------------------------ turns from the mask
+def test_turns_hand_example():
+    # Row 0: prompt, turn 0 (2 tokens), tool (1), turn 1 (1 token), padding.
+    # Row 1: turn 0 (3 tokens) cut in two by step_starts at column 2, tool, turn 2.
+    mask = torch.tensor([[0, 1, 1, 0, 1, 0], [1, 1, 1, 0, 1, 1]])
+    starts = torch.zeros(2, 6, dtype=torch.bool)
+    starts[1, 2] = True
+    starts[0, 0] = True  # off the mask: ignored
+    lay = StepLayout.from_turns(mask, torch.tensor([9, 9]), step_starts=starts)
+    assert lay.token_step.tolist() == [-1, 0, 0, -1, 1, -1, 2, 2, 3, -1, 4, 4]
+    assert lay.num_steps == 5 and lay.num_trajectories == 2 and lay.num_groups == 1
+    assert lay.step_traj.tolist() == [0, 0, 1, 1, 1]
+    assert lay.step_pos.tolist() == [0, 1, 0, 1, 2]
+    assert lay.step_num_tokens.tolist() == [2, 1, 2, 1, 2]
+    from steppo_fast.layout import step_ids_from_turns
+
+    assert step_ids_from_turns(mask).tolist() == [[-1, 0, 0, -1, 1, -1], [0, 0, 0, -1, 1, 1]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n_traj=st.integers(1, 12), group=st.integers(1, 4))
+def test_turns_equal_packed_when_turns_are_separated(seed, n_traj, group):
+    ep = make_episodes(seed, n_traj, group_size=group, allow_empty_steps=False)
+    sid, g, k, _ = packed(ep)
+    a = StepLayout.from_packed(sid, g, num_steps=k)
+    for mask in (sid >= 0, (sid >= 0).float(), (sid >= 0).to(torch.int32)):
+        b = StepLayout.from_turns(mask, g)
+        for name in ("token_step", "step_traj", "step_pos", "traj_step_offsets", "traj_group", "group_ids",
+                     "step_token_offsets", "step_tokens"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_turns_adjacent_steps_need_step_starts():
+    sid = torch.tensor([[-1, 0, 0, 1, 1, 1, -1, 2]])
+    starts = torch.zeros_like(sid, dtype=torch.bool)
+    starts[0, 3] = True
+    lay = StepLayout.from_turns(sid >= 0, step_starts=starts)
+    ref = StepLayout.from_packed(sid)
+    assert torch.equal(lay.token_step, ref.token_step)
+    assert StepLayout.from_turns(sid >= 0).num_steps == 2  # without the marker the runs merge
+
+
+def test_turns_errors_name_the_argument():
+    with pytest.raises(ValueError, match="row 1: response_mask has no agent token"):
+        StepLayout.from_turns(torch.tensor([[1, 0], [0, 0]]))
+    lay = StepLayout.from_turns(torch.tensor([[1, 0], [0, 0]]), validate=False)
+    assert lay.num_steps == 1 and lay.traj_num_steps.tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"response_mask must have shape \(B, T\)"):
+        StepLayout.from_turns(torch.ones(3))
+    with pytest.raises(TypeError, match="response_mask must be a torch.Tensor"):
+        StepLayout.from_turns([[1, 0]])
+    with pytest.raises(ValueError, match="step_starts must have the shape of response_mask"):
+        StepLayout.from_turns(torch.ones(2, 3), step_starts=torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"group_id must have shape \(B,\)"):
+        StepLayout.from_turns(torch.ones(2, 3), torch.tensor([0]))
+    with pytest.raises(ValueError, match="group_id must be non-negative: row 0"):
+        StepLayout.from_turns(torch.ones(2, 3), torch.tensor([-1, 0]))
+    with pytest.raises(TypeError, match="response_mask must be bool, integer or float"):
+        StepLayout.from_turns(torch.ones(2, 3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="empty batch"):
+        StepLayout.from_turns(torch.ones(0, 3))
