@@ -16,17 +16,26 @@ from torch import Tensor
 
 from . import ops
 from . import reference as ref
-from .layout import StepLayout
+from .layout import StepLayout, step_ids_from_turns
 
 MaskOrLayout = Union[Tensor, StepLayout]
 
 
-def token_steps(mask_or_layout: MaskOrLayout, shape) -> Tuple[Tensor, int, int]:
+MASK_STEPS = ("rows", "turns")
+
+
+def token_steps(mask_or_layout: MaskOrLayout, shape, mask_steps: str = "rows") -> Tuple[Tensor, int, int]:
     """(token_step (N,), number of steps, T) for a layout or a mask.
 
-    A 2-D mask (B, T) makes every row one step (verl's "sequence"); a 1-D mask (N,)
-    is one step holding every masked-in token.
+    A 2-D mask (B, T) makes every row one step (verl's "sequence", ``mask_steps="rows"``) or
+    every maximal run of True in a row one step (``mask_steps="turns"``: one row per trajectory,
+    turns separated by tool or observation tokens). A 1-D mask (N,) is one step holding every
+    masked-in token. Turn ids are computed on the device with no host synchronisation: the turn
+    k of row b gets id ``b * ceil(T / 2) + k`` and the step count is that upper bound; ids no
+    token carries are steps without tokens, which no aggregation counts.
     """
+    if mask_steps not in MASK_STEPS:
+        raise ValueError(f"mask_steps must be one of {MASK_STEPS}, got {mask_steps!r}")
     if isinstance(mask_or_layout, StepLayout):
         lay = mask_or_layout
         B, T = lay.token_shape
@@ -39,6 +48,15 @@ def token_steps(mask_or_layout: MaskOrLayout, shape) -> Tuple[Tensor, int, int]:
     if tuple(m.shape) != tuple(shape):
         raise ValueError(f"mask must have the shape of logp {tuple(shape)}, got {tuple(m.shape)}")
     m = m.bool() if m.dtype != torch.bool else m
+    if mask_steps == "turns":
+        if m.dim() != 2:
+            raise ValueError(f"mask_steps='turns' needs a (B, T) mask, got shape {tuple(m.shape)}")
+        B, T = m.shape
+        per_row = (T + 1) // 2  # the most runs a row of T tokens can hold
+        k = step_ids_from_turns(m)
+        dt = torch.int32 if B * per_row < 2**31 else torch.int64
+        base = torch.arange(B, device=m.device, dtype=torch.int64)[:, None] * per_row
+        return torch.where(k >= 0, k + base, torch.full_like(k, -1)).to(dt).reshape(-1), B * per_row, T
     if m.dim() == 2:
         B, T = m.shape
         rows = torch.arange(B, device=m.device, dtype=torch.int32)[:, None].expand(B, T)
@@ -91,7 +109,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask_or_layo
                 weights: Optional[Tensor] = None, entropy: Optional[Tensor] = None, entropy_coef: float = 0.0,
                 ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0, kl_type: str = "k3",
                 global_num_tokens=None, global_num_steps=None, norm_constant=None,
-                backend: str = "auto") -> Tuple[Tensor, Dict[str, Tensor]]:
+                backend: str = "auto", mask_steps: str = "rows") -> Tuple[Tensor, Dict[str, Tensor]]:
     """StepPO / PPO clipped policy loss (SPEC 7).
 
     Args:
@@ -105,6 +123,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask_or_layo
         ref_logp (+ kl_coef, kl_type): KL penalty to a reference policy.
         global_num_tokens, global_num_steps: data-parallel counts (host numbers);
         norm_constant: divisor of "seq-mean-token-sum-norm" (default T).
+        mask_steps: for a 2-D mask, "rows" (each row is one step) or "turns" (each maximal run of
+            True in a row is one step, as in one row per multi-turn trajectory; see ``token_steps``).
     Returns:
         (loss, metrics): 0-dim loss and 0-dim metrics pg_loss, pg_clipfrac, pg_clipfrac_lower,
         ppo_kl, ratio_mean, ratio_min, ratio_max, entropy, kl.
@@ -112,7 +132,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask_or_layo
     check_loss_args(ratio_level, clip_low, clip_high, dual_clip, agg_mode, kl_type)
     if not isinstance(logp, Tensor) or not logp.is_floating_point():
         raise TypeError("logp must be a float tensor")
-    token_step, num_steps, T = token_steps(mask_or_layout, logp.shape)
+    token_step, num_steps, T = token_steps(mask_or_layout, logp.shape, mask_steps)
     if token_step.device != logp.device:
         raise ValueError(f"mask_or_layout is on {token_step.device} but logp is on {logp.device}")
     old = _check_tok("old_logp", old_logp, logp)
