@@ -1,5 +1,6 @@
-"""The verl adapter against verl itself (pip ``verl``, CPU paths): the registered losses equal
-verl's ``gspo`` (step ratio) and ``vanilla`` (token ratio, dual clip) losses."""
+"""The verl adapter against verl itself (pip ``verl``, CPU paths): with one step per row the
+registered losses equal verl's ``gspo`` (step ratio) and ``vanilla`` (token ratio, dual clip) losses.
+The multi-turn layouts are held to the step-row layout in ``test_integrations_verl_layouts.py``."""
 
 import pytest
 import torch
@@ -19,9 +20,15 @@ def _config(global_batch_info=None, **kw):
     return cfg
 
 
-def _batch(seed=0, B=7, T=11):
+def _batch(seed=0, B=7, T=11, one_run=False):
     g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(B, T, generator=g) < 0.7
+    if one_run:  # each row one run of agent tokens (a step row), at a random place
+        start = torch.randint(0, T // 2, (B,), generator=g)
+        length = torch.randint(1, T // 2, (B,), generator=g)
+        t = torch.arange(T)
+        mask = (t >= start[:, None]) & (t < (start + length)[:, None])
+    else:  # several runs per row
+        mask = torch.rand(B, T, generator=g) < 0.7
     mask[3] = False  # an empty row (a step without agent tokens)
     old = -2.0 + 0.5 * torch.randn(B, T, generator=g)
     logp = old + 0.3 * torch.randn(B, T, generator=g)  # ratios well outside the clip range too
@@ -40,14 +47,18 @@ def _run(fn, old, logp, adv, mask, mode, cfg, weights):
     return loss.detach(), grad, metrics
 
 
-PAIRS = [pytest.param("steppo", "gspo", id="steppo=gspo"), pytest.param("steppo_token", "vanilla", id="token=vanilla")]
+# (our loss, verl's, one run per row?): the turn losses on step rows, the row switch on any mask.
+PAIRS = [pytest.param("steppo", "gspo", True, id="steppo=gspo"),
+         pytest.param("steppo_token", "vanilla", True, id="token=vanilla"),
+         pytest.param("steppo_rows", "gspo", False, id="rows=gspo"),
+         pytest.param("steppo_token_rows", "vanilla", False, id="token_rows=vanilla")]
 
 
-@pytest.mark.parametrize("ours,theirs", PAIRS)
+@pytest.mark.parametrize("ours,theirs,one_run", PAIRS)
 @pytest.mark.parametrize("mode", AGG_MODES)
 @pytest.mark.parametrize("with_weights", [False, True])
-def test_registered_loss_equals_verls(ours, theirs, mode, with_weights):
-    old, logp, adv, mask, weights = _batch()
+def test_registered_loss_equals_verls(ours, theirs, one_run, mode, with_weights):
+    old, logp, adv, mask, weights = _batch(one_run=one_run)
     cfg = _config()
     w = weights if with_weights else None
     a = _run(core_algos.get_policy_loss_fn(ours), old, logp, adv, mask, mode, cfg, w)
@@ -59,10 +70,10 @@ def test_registered_loss_equals_verls(ours, theirs, mode, with_weights):
         assert abs(float(a[2][name]) - float(b[2][name])) <= 1e-6, name
 
 
-@pytest.mark.parametrize("ours,theirs", PAIRS)
+@pytest.mark.parametrize("ours,theirs,one_run", PAIRS)
 @pytest.mark.parametrize("mode", AGG_MODES)
-def test_global_batch_info_is_honoured(ours, theirs, mode):
-    old, logp, adv, mask, _ = _batch(seed=1)
+def test_global_batch_info_is_honoured(ours, theirs, one_run, mode):
+    old, logp, adv, mask, _ = _batch(seed=1, one_run=one_run)
     info = {"dp_size": 2, "batch_num_tokens": 123, "global_batch_size": 9, "loss_scale_factor": 16}
     cfg = _config(info)
     a = _run(core_algos.get_policy_loss_fn(ours), old, logp, adv, mask, mode, cfg, None)
@@ -74,6 +85,20 @@ def test_global_batch_info_is_honoured(ours, theirs, mode):
 def test_registry_returns_ours():
     assert core_algos.get_policy_loss_fn("steppo") is sv.compute_policy_loss_steppo
     assert core_algos.get_policy_loss_fn("steppo_token") is sv.compute_policy_loss_steppo_token
+    assert core_algos.get_policy_loss_fn("steppo_rows") is sv.compute_policy_loss_steppo_rows
+    assert core_algos.get_policy_loss_fn("steppo_token_rows") is sv.compute_policy_loss_steppo_token_rows
+    assert core_algos.get_adv_estimator_fn("step_gae") is sv.compute_step_gae_advantage
+    sv.register()  # idempotent
+    assert set(sv.LOSS_MODES) == {"steppo", "steppo_token", "steppo_rows", "steppo_token_rows"}
+
+
+def test_turn_losses_differ_from_verls_on_multi_turn_rows():
+    # The bug the turn losses fix: on rows holding several turns verl's gspo takes one ratio per row.
+    old, logp, adv, mask, _ = _batch(seed=2)
+    cfg = _config()
+    ours = _run(core_algos.get_policy_loss_fn("steppo"), old, logp, adv, mask, "seq-mean-token-mean", cfg, None)
+    gspo = _run(core_algos.get_policy_loss_fn("gspo"), old, logp, adv, mask, "seq-mean-token-mean", cfg, None)
+    assert not torch.allclose(ours[1], gspo[1], rtol=1e-3, atol=1e-6)
 
 
 def test_missing_config_is_a_clear_error():
@@ -107,7 +132,9 @@ def _data_proto(seed=0, n_groups=3, group_size=4, T=9, with_steps=False):
 
 
 @pytest.mark.parametrize("estimator", ["gae", "grpo", "rloo"])
-def test_compute_advantage_equals_verl_on_one_step_rows(estimator):
+def test_compute_advantage_equals_verl_on_rows_without_ids(estimator):
+    # Rows without step ids are trajectories (several runs of agent tokens each, here): verl's own
+    # estimators treat them the same way.
     data = _data_proto()
     b, uid = data.batch, data.non_tensor_batch["uid"]
     # What verl's ray_trainer.compute_advantage calls for each estimator.
@@ -147,7 +174,7 @@ def test_step_gae_reads_steps_from_the_data_proto():
                 step_indices=data.non_tensor_batch["step_indices"], gamma=0.99, lam=0.95)
     torch.testing.assert_close(adv, out.batch["advantages"])
     # ... and says what is missing when called the way verl's compute_advantage calls it.
-    with pytest.raises(ValueError, match="step_gae needs values, trajectory_uids, step_indices"):
+    with pytest.raises(ValueError, match="step_gae needs the critic's values"):
         fn(token_level_rewards=data.batch["token_level_rewards"], response_mask=data.batch["response_mask"],
            config=None, index=data.non_tensor_batch["uid"])
 
