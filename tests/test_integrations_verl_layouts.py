@@ -612,7 +612,8 @@ def _ppo_loss_through_verl(b: Batch, mode: str, agg: str):
     tu.assign_non_tensor(td, dp_size=info["dp_size"], batch_num_tokens=info["batch_num_tokens"],
                          global_batch_size=info["global_batch_size"])
     cfg = verl_config.ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, rollout_n=1, clip_ratio=0.2,
-                                  clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode=agg, loss_scale_factor=info["loss_scale_factor"],
+                                  clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode=agg,
+                                  loss_scale_factor=info["loss_scale_factor"],
                                   policy_loss=verl_config.PolicyLossConfig(loss_mode=mode))
     loss, _ = ppo_loss(cfg, {"log_probs": flat}, td)
     (grad,) = torch.autograd.grad(loss, [x])
@@ -724,3 +725,14 @@ def test_policy_loss_turn_steps_match_the_reference(backend, ratio_level, agg):
         policy_loss(logp, old, adv, mask, mask_steps="runs")
     with pytest.raises(ValueError, match=r"mask_steps='turns' needs a \(B, T\) mask"):
         policy_loss(logp.reshape(-1), old.reshape(-1), adv.reshape(-1), mask.reshape(-1), mask_steps="turns")
+
+
+def test_authors_names_map_onto_ours():
+    assert sv.AUTHORS_ESTIMATOR_NAMES["gae"] == "step_gae"  # their step GAE, not verl's token GAE
+    assert sv.ESTIMATORS["gae"] == "token_gae" and sv.ESTIMATORS["step_gae"] == "step_gae"
+    assert set(sv.AUTHORS_ESTIMATOR_NAMES.values()) <= set(sv.ESTIMATORS)
+    trajs = make_trajs(24)
+    a = step_rows(trajs)
+    want = _adv(step_rows(trajs), "step_gae", gamma=0.9)[0]
+    got = _adv(a, sv.AUTHORS_ESTIMATOR_NAMES["gae"], gamma=0.9)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

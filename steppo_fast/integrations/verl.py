@@ -385,8 +385,8 @@ def _steps_of_step_rows(mask: Tensor, extra: dict, kept: np.ndarray, uids: Optio
         r = codes_sorted[bad[0]]
         ks = sorted(int(x) for x in k_sorted[codes_sorted == r])
         kind = "duplicate step index" if len(set(ks)) < len(ks) else "gap in step indices"
-        raise ValueError(f"trajectory {_show(names[r])}: {kind}; step_indices of its rows must be exactly 0..{len(ks) - 1} "
-                         f"in some order, got {ks}")
+        raise ValueError(f"trajectory {_show(names[r])}: {kind}; step_indices of its rows must be exactly "
+                         f"0..{len(ks) - 1} in some order, got {ks}")
     if group_codes is None:
         grp = codes_sorted
     else:
