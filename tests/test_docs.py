@@ -110,14 +110,15 @@ def _sections():
 SECTIONS = _sections()
 
 
-def run_section(section: Section) -> None:
-    """Runs a section's setups and blocks in order in one fresh namespace."""
+def run_section(section: Section) -> dict:
+    """Runs a section's setups and blocks in order in one fresh namespace and returns it."""
     namespace = {"__name__": f"docs_{re.sub(r'[^0-9a-zA-Z]+', '_', section.title)}"}
     for n, block in enumerate(section.blocks, 1):
         where = f"section '## {section.title}', python block {n} (line {block.line})"
         if block.setup is not None:
             _run(block.setup, block.setup_line, namespace, f"setup of {where}")
         _run(block.code, block.line, namespace, where)
+    return namespace
 
 
 @pytest.mark.parametrize("section", SECTIONS, ids=[s.title for s in SECTIONS])

@@ -1,6 +1,6 @@
-"""The verl section of docs/integrations.md works as written: its Python blocks run in order in one
-namespace (each after the hidden setup in the ``<!-- setup ... -->`` comment right before it), and
-its YAML is a valid overlay of verl's own trainer config whose names verl resolves to ours."""
+"""The verl section of docs/integrations.md works as written: its Python blocks (run by
+tests/test_docs.py's convention) give what the text claims, and its YAML is a valid overlay of
+verl's own trainer config whose names verl resolves to ours."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ pytest.importorskip("verl")
 OmegaConf = pytest.importorskip("omegaconf").OmegaConf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_BLOCK = re.compile(r"(?:<!-- setup\n(?P<setup>.*?)\n-->\n)?```(?P<lang>\w+)\n(?P<code>.*?)```", re.S)
+_BLOCK = re.compile(r"```(?P<lang>\w+)\n(?P<code>.*?)```", re.S)
 
 
 def _section(title: str) -> str:
@@ -24,18 +24,17 @@ def _section(title: str) -> str:
     return body
 
 
-def _blocks(lang: str):
-    return [(m.group("setup"), m.group("code")) for m in _BLOCK.finditer(_section("verl")) if m.group("lang") == lang]
+def _yaml_blocks():
+    return [m.group("code") for m in _BLOCK.finditer(_section("verl")) if m.group("lang") == "yaml"]
 
 
-def test_python_blocks_run_in_order():
-    blocks = _blocks("python")
-    assert len(blocks) >= 5
-    ns: dict = {"__name__": "docs_verl"}
-    for i, (setup, code) in enumerate(blocks):
-        if setup:
-            exec(compile(setup, f"<verl setup {i}>", "exec"), ns)  # noqa: S102
-        exec(compile(code, f"<verl block {i}>", "exec"), ns)  # noqa: S102
+def test_python_blocks_run_in_order(tmp_path, monkeypatch):
+    from test_docs import SECTIONS, run_section
+
+    (section,) = [s for s in SECTIONS if s.title == "verl"]
+    assert len(section.blocks) >= 5
+    monkeypatch.chdir(tmp_path)
+    ns = run_section(section)
     # What the snippets claim.
     import torch
 
@@ -69,9 +68,9 @@ def test_yaml_is_a_valid_verl_overlay():
 
     from steppo_fast.integrations import verl as sv
 
-    blocks = _blocks("yaml")
+    blocks = _yaml_blocks()
     assert blocks
-    for _, code in blocks:
+    for code in blocks:
         merged = OmegaConf.merge(_verl_config(), OmegaConf.create(code))
         actor = merged.actor_rollout_ref.actor
         assert core_algos.get_policy_loss_fn(actor.policy_loss.loss_mode).__module__ == sv.__name__
