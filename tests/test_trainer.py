@@ -250,3 +250,24 @@ def test_the_shipped_example_config_is_valid():
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "hotpot_steppo.yaml")
     cfg = TrainConfig.load(path, updates=1)
     assert cfg.env == "hotpot" and cfg.estimator == "step_gae" and cfg.updates == 1
+
+
+def test_config_values_are_read_as_written_and_wrong_types_name_the_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text('lr: 1e-3\ngamma: "0.99"\nupdates: 1e2\nwhiten: "false"\nenv_kwargs:\nloss: {clip_low: 1e-1}\n')
+    cfg = TrainConfig.load(str(p))
+    assert (cfg.lr, cfg.gamma, cfg.updates, cfg.whiten, cfg.env_kwargs) == (1e-3, 0.99, 100, False, {})
+    assert type(cfg.lr) is float and type(cfg.updates) is int and cfg.loss == {"clip_low": 0.1}
+    for kw, words in [({"temperature": None}, "temperature must be a number, got None"),
+                      ({"lr": "fast"}, "lr must be a number, got 'fast'"),
+                      ({"updates": 2.5}, "updates must be an integer, got 2.5"),
+                      ({"updates": True}, "updates must be an integer, got True"),
+                      ({"env": 3}, "env must be a string, got 3"),
+                      ({"loss": "str"}, "loss must be a mapping"),
+                      ({"loss": {"clip_low": "wide"}}, "loss.clip_low must be a number, got 'wide'"),
+                      ({"loss": {"agg_mode": "mean"}}, "loss: agg_mode must be one of"),
+                      ({"device": "foo"}, "device 'foo'"),
+                      ({"model": "m", "model_config": {"hidden_size": 32}}, "model_config")]:
+        with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            TrainConfig(**kw)
+

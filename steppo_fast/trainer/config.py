@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
@@ -73,6 +76,7 @@ class TrainConfig:
     backend: str = "auto"
 
     def __post_init__(self):
+        _coerce_fields(self)
         self.validate()
 
     def validate(self) -> None:
@@ -102,6 +106,11 @@ class TrainConfig:
         if self.groups * self.group_size < self.minibatches:
             raise ValueError(f"minibatches ({self.minibatches}) exceeds the episodes per update "
                              f"({self.groups * self.group_size})")
+        _check_device(self.device)
+        self.loss = _checked_loss(self.loss)
+        if self.model is not None and self.model_config:
+            raise ValueError(f"model_config ({self.model_config}) sets up the tiny model built in code; "
+                             f"it cannot change the model loaded from {self.model!r}")
 
     @property
     def needs_critic(self) -> bool:
@@ -121,10 +130,139 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str, **overrides) -> "TrainConfig":
         """A config from a YAML file, with ``overrides`` (e.g. from command-line flags) on top."""
-        import yaml
+        return cls.from_dict({**read_config_file(path), **overrides})
 
-        with open(path) as f:
-            d = yaml.safe_load(f) or {}
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys, got {type(d).__name__}")
-        return cls.from_dict({**d, **overrides})
+
+# ---------------------------------------------------------------------- reading values
+# Settings are read as people write them: YAML numbers with an exponent but no dot (``1e-3``,
+# which YAML 1.1 reads as a string) are numbers, and a field declared float or int takes a
+# number written as a string (``"0.99"``). Anything else of the wrong type is a ValueError
+# naming the key.
+
+_EXP_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
+_LOADER = None
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``text`` parsed as YAML (safe), ``1e-3`` read as a float; ``source`` names it in errors."""
+    global _LOADER
+    import yaml
+
+    if _LOADER is None:
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789."))
+        _LOADER = Loader
+    try:
+        return yaml.load(text, Loader=_LOADER)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        raise ValueError(f"{source} is not valid YAML: {what}{where}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{source} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def read_config_file(path: str) -> Dict[str, Any]:
+    """The mapping of config keys in the YAML file ``path`` (an empty file is no keys)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(f"cannot read config file {path}: {reason}") from None
+    d = parse_yaml(text, f"config file {path}")
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {path}: expected a mapping of config keys, got a {type(d).__name__}")
+    return d
+
+
+def _as_type(name: str, value: Any, hint: Any) -> Any:
+    """``value`` of setting ``name`` as the declared type ``hint`` (unknown kinds pass through)."""
+    if typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(hint)):
+            return None
+        return _as_type(name, value, args[0]) if len(args) == 1 else value
+    origin = typing.get_origin(hint) or hint
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value.strip().replace("_", ""))
+            except ValueError:
+                pass
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if hint is int:
+        x = value
+        if isinstance(x, str):
+            try:
+                x = float(x.strip().replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(x, numbers.Integral) and not isinstance(x, bool):
+            return int(x)
+        if isinstance(x, float) and x.is_integer():
+            return int(x)
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    if origin in (dict, Dict, Mapping) or origin is typing.Mapping:
+        if value is None:  # `key:` with nothing after it in YAML
+            return {}
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise ValueError(f"{name} must be a mapping (key: value, ...), got {value!r}")
+    return value
+
+
+def _coerce_fields(obj: Any, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if f.name in hints:
+            setattr(obj, f.name, _as_type(prefix + f.name, getattr(obj, f.name), hints[f.name]))
+
+
+def _check_device(device: str) -> None:
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not one the trainer runs on: use auto, cpu, cuda or cuda:N")
+
+
+def _checked_loss(loss: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``loss:`` overrides with values of LossConfig's types; bad keys or values name ``loss``."""
+    from ..losses import LossConfig
+
+    fields = [f.name for f in dataclasses.fields(LossConfig)]
+    unknown = sorted(set(loss) - set(fields))
+    if unknown:
+        raise ValueError(f"loss has unknown option(s) {', '.join(map(str, unknown))}; "
+                         f"LossConfig's options: {', '.join(fields)}")
+    hints = typing.get_type_hints(LossConfig)
+    out = {k: _as_type(f"loss.{k}", v, hints[k]) for k, v in loss.items()}
+    try:
+        LossConfig.preset("steppo", **out)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"loss: {e}") from None
+    return out

@@ -10,6 +10,7 @@ a backbone of its own (``separate``).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from typing import Optional, Sequence, Tuple
 
@@ -86,13 +87,32 @@ def build_policy(model: Optional[str], tokenizer, model_config: dict, attn: str,
         return policy, tokenizer
     if tokenizer is None:
         raise ValueError("a model built in code needs a tokenizer: the environment has no vocabulary()")
+    known = set(Qwen2Config().to_dict()) | set(inspect.signature(Qwen2Config.__init__).parameters)
+    unknown = sorted(set(model_config) - known)
+    if unknown:
+        raise ValueError(f"model_config has setting(s) a Qwen2 config does not know: {', '.join(map(str, unknown))}")
     cfg = {**TINY_MODEL, **model_config}
-    config = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, **cfg)
-    config._attn_implementation = attn
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        policy = Qwen2ForCausalLM(config)
+    size, heads, kv = (cfg.get(k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    positive = lambda *xs: all(isinstance(x, int) and x > 0 for x in xs)  # noqa: E731
+    if "head_dim" not in cfg and positive(size, heads) and size % heads:
+        raise ValueError(f"model_config: hidden_size {size} is not a multiple of num_attention_heads {heads}")
+    if positive(heads, kv) and heads % kv:
+        raise ValueError(f"model_config: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    try:
+        config = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             bos_token_id=tokenizer.eos_token_id, **cfg)
+        config._attn_implementation = attn
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            policy = Qwen2ForCausalLM(config)
+            if attn in ("sdpa", "eager"):  # a model that builds can still fail on its first forward
+                with torch.no_grad():
+                    ids = torch.full((1, 2), tokenizer.eos_token_id, dtype=torch.long)
+                    policy(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"model_config {model_config} does not make a working Qwen2 "
+                         f"({' '.join(str(e).split())[:300]})") from e
     return policy, tokenizer
 
 
