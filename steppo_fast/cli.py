@@ -40,29 +40,45 @@ _TRAIN_FLAGS = {"env": "env", "estimator": "estimator", "model": "model", "criti
                 "out": "out_dir", "save_every": "save_every", "temperature": "temperature"}
 
 
+def _fail(cmd: str, e: Exception, code: int = 2) -> int:
+    """Report ``e`` as the one line ``steppo-fast <cmd>: <message>``; returns the exit code."""
+    print(f"steppo-fast {cmd}: {' '.join(str(e).split())}", file=sys.stderr)
+    return code
+
+
 def _parse_sets(items):
-    """``key=value`` pairs, values parsed as YAML (numbers, booleans, lists, dicts)."""
-    import yaml
+    """``key=value`` pairs, values parsed as YAML (numbers, ``1e-3`` included, booleans, lists, dicts)."""
+    from .trainer.config import parse_yaml
 
     out = {}
     for item in items or []:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        out[k.strip()] = parse_yaml(v, f"--set {item}")
     return out
 
 
 def _train_config(args):
+    """The run's TrainConfig: the YAML file's keys, then flags, then --set. On --resume these
+    go over the settings saved in the run folder's checkpoint, not over the defaults."""
     from .trainer import TrainConfig
+    from .trainer.checks import INVOCATION, saved_settings
+    from .trainer.config import read_config_file
 
-    overrides = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
-    overrides.update(_parse_sets(args.set))
+    given = read_config_file(args.config) if args.config else {}
+    given.update({field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items()
+                  if getattr(args, flag) is not None})
+    given.update(_parse_sets(args.set))
     if args.no_progress:
-        overrides["progress"] = False
-    if args.config:
-        return TrainConfig.load(args.config, **overrides)
-    return TrainConfig.from_dict(overrides)
+        given["progress"] = False
+    if not args.resume:
+        return TrainConfig.from_dict(given)
+    out = given.get("out_dir", TrainConfig.out_dir)
+    if not isinstance(out, str):
+        raise ValueError(f"out_dir must be a string, got {out!r}")
+    saved = saved_settings(os.path.join(out, "checkpoint.pt"))
+    return TrainConfig.from_dict({**{k: v for k, v in saved.items() if k not in INVOCATION}, **given, "out_dir": out})
 
 
 def _cmd_train(args) -> int:
@@ -70,20 +86,17 @@ def _cmd_train(args) -> int:
 
     try:
         cfg = _train_config(args)
-    except ValueError as e:
-        print(f"steppo-fast train: {e}", file=sys.stderr)
-        return 2
-    try:
-        history = run(cfg, resume=args.resume)
+        history = run(cfg, resume=args.resume, overwrite=args.overwrite)
     except NonFiniteLoss as e:
-        print(f"steppo-fast train: {e}", file=sys.stderr)
-        return 1
+        return _fail("train", e, 1)
     except ValueError as e:
-        print(f"steppo-fast train: {e}", file=sys.stderr)
-        return 2
+        return _fail("train", e)
     if history and int(os.environ.get("RANK", "0")) == 0:
         print(f"final success {history[-1]['success']:.3f}; metrics, checkpoint and learning curve in {cfg.out_dir}")
     return 0
+
+
+DEMO_OUT = os.path.join("runs", "demo")
 
 
 def _cmd_demo(args) -> int:
@@ -92,22 +105,39 @@ def _cmd_demo(args) -> int:
     import torch
 
     from .trainer import TrainConfig, Trainer
+    from .trainer.checks import check_run_folder
     from .trainer.envs import lights
-    from .trainer.loop import backends_used
+    from .trainer.loop import NonFiniteLoss, backends_used
 
-    cfg = TrainConfig(env="lights", estimator="step_gae", updates=args.updates, seed=args.seed, out_dir=args.out,
-                      device="cpu", eval_episodes=256, progress=not args.no_progress, save_every=args.updates,
-                      log_every=5)
-    trainer = Trainer(cfg)
+    # The default folder is the demo's own: every demo replaces the one before. A folder given
+    # with --out is guarded like train's.
+    out = args.out or DEMO_OUT
+    overwrite = args.overwrite or args.out is None
+    try:
+        if args.eval_episodes < 1:
+            raise ValueError(f"eval-episodes must be >= 1, got {args.eval_episodes}")
+        cfg = TrainConfig(env="lights", estimator="step_gae", updates=args.updates, seed=args.seed, out_dir=out,
+                          device="cpu", eval_episodes=args.eval_episodes, progress=not args.no_progress,
+                          save_every=args.updates, log_every=5)
+        check_run_folder(out, False, overwrite)
+        trainer = Trainer(cfg)
+    except ValueError as e:
+        return _fail("demo", e)
     print(f"steppo_fast demo: the 'lights' task (3-8 turns, reward 1 only if every answer is right; "
           f"a random go/stop policy succeeds {lights.random_success_probability():.1%}),")
     print(f"StepPO (step GAE + step-ratio loss) on a tiny Qwen2 built in code "
           f"({sum(p.numel() for p in trainer.model.parameters()) / 1e3:.0f}k parameters with the critic), "
           f"{torch.get_num_threads()} CPU threads, {cfg.groups * cfg.group_size} episodes per update.")
+    print(f"run folder: {out}" + (" (the demo's own, replaced by every demo)" if args.out is None else ""))
     before = trainer.evaluate()
     print(f"success before training: {before:.3f} ({cfg.eval_episodes} held-out episodes)")
     t0 = time.perf_counter()
-    history = trainer.train()
+    try:
+        history = trainer.train(overwrite=overwrite)
+    except NonFiniteLoss as e:
+        return _fail("demo", e, 1)
+    except ValueError as e:
+        return _fail("demo", e)
     wall = time.perf_counter() - t0
     after = trainer.evaluate()
     per = [m["rollout_s"] + m["update_s"] for m in history]
@@ -157,13 +187,19 @@ def main(argv=None) -> int:
     t.add_argument("--out", default=None, help="run folder: metrics.jsonl, checkpoint.pt, learning_curve.png")
     t.add_argument("--save-every", dest="save_every", type=int, default=None)
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field (repeatable)")
-    t.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in the run folder: its saved settings, with the flags given on top")
+    t.add_argument("--overwrite", action="store_true", help="replace the run in the run folder, if there is one")
     t.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     t.set_defaults(fn=_cmd_train)
     d = sub.add_parser("demo", help="train the quick task with StepPO on the CPU and show before/after")
     d.add_argument("--updates", type=int, default=30)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--out", default=None,
+                   help=f"run folder (default {DEMO_OUT}, the demo's own, which every demo replaces)")
+    d.add_argument("--overwrite", action="store_true", help="replace the run in the folder given with --out")
+    d.add_argument("--eval-episodes", dest="eval_episodes", type=int, default=256,
+                   help="held-out episodes of the before/after success rates")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=_cmd_demo)
     args = p.parse_args(argv)

@@ -4,6 +4,7 @@ exact resume, NaN handling, model loading, errors and data parallel under torchr
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -271,3 +272,83 @@ def test_config_values_are_read_as_written_and_wrong_types_name_the_key(tmp_path
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
             TrainConfig(**kw)
 
+
+def test_resume_steps_with_the_new_learning_rates(tmp_path, capsys):
+    """Resumed with new lr / critic_lr / weight_decay, the run equals one whose optimiser was
+    given them at that update."""
+    a = Trainer(_cfg(tmp_path / "a", updates=2))
+    a.train(stop_after=1)
+    for g, lr in zip(a.optim.param_groups, (0.05, 0.02)):
+        g["lr"], g["weight_decay"] = lr, 0.01
+    a.update(1)
+    Trainer(_cfg(tmp_path / "b", updates=2)).train(stop_after=1)
+    capsys.readouterr()
+    c = Trainer(_cfg(tmp_path / "b", updates=2, lr=0.05, critic_lr=0.02, weight_decay=0.01))
+    c.train(resume=True)
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, c.model.state_dict()[k]), k
+    assert "changed settings: lr 0.002 -> 0.05, critic_lr 0.002 -> 0.02, weight_decay 0.0 -> 0.01" in \
+        capsys.readouterr().out
+
+
+def test_resume_checks_every_restored_tensor(tmp_path):
+    Trainer(_cfg(tmp_path, updates=2)).train(stop_after=1)
+    path = tmp_path / "run" / "checkpoint.pt"
+    good = torch.load(path, weights_only=False)
+    # A weight overwritten after the save (finite, so only the checksum saved with it can tell).
+    state = torch.load(path, weights_only=False)
+    state["model"]["critic_backbone.layers.1.self_attn.o_proj.weight"][3, 5] = 1e30
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: weight critic_backbone.layers.1.self_attn.o_proj.weight "
+                                                   "differs from the checksum saved with it")):
+        Trainer(_cfg(tmp_path, updates=2)).train(resume=True)
+    # Non-finite optimiser state in a checkpoint without checksums.
+    state = torch.load(path, weights_only=False)
+    state["model"] = good["model"]
+    state.pop("checksums", None)
+    state["optim"]["state"][0]["exp_avg_sq"].view(-1)[7] = float("inf")
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: optimiser state exp_avg_sq of "
+                                                   "policy.model.embed_tokens.weight is not finite")):
+        Trainer(_cfg(tmp_path, updates=2)).train(resume=True)
+    # A half-written checkpoint.pt.tmp (a save killed mid-write) is ignored.
+    torch.save(good, path)
+    (tmp_path / "run" / "checkpoint.pt.tmp").write_bytes(b"PK\x03\x04 half")
+    tr = Trainer(_cfg(tmp_path, updates=2))
+    assert len(tr.train(resume=True)) == 2
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    Trainer(_cfg(tmp_path, updates=2)).train(stop_after=1)
+    with pytest.raises(ValueError, match=r"checkpoint\.pt.*critic: separate in the checkpoint, shared now"):
+        Trainer(_cfg(tmp_path, updates=2, critic="shared")).train(resume=True)
+    with pytest.raises(ValueError, match="already holds a run"):
+        Trainer(_cfg(tmp_path, updates=2)).train()
+
+
+class BadRewardEnv(CoinEnv):
+    """CoinEnv whose second step returns a bad reward (or a bad done)."""
+
+    bad = None
+
+    def step(self, action):
+        obs, reward, done = super().step(action)
+        if self.t == 2:
+            return type(self).bad
+        return obs, reward, done
+
+
+@pytest.mark.parametrize("bad, words", [(("turn", None, False), "reward None"),
+                                        (("turn", float("nan"), False), "reward nan"),
+                                        (("turn", "1", False), "reward '1'"),
+                                        (("turn", 1.0, None), "done None"),
+                                        (("turn", 1.0), "returned ('turn', 1.0)")])
+def test_environment_results_are_checked(tmp_path, monkeypatch, bad, words):
+    from steppo_fast.trainer import envs
+
+    monkeypatch.setattr(envs, "ENVIRONMENTS", dict(envs.ENVIRONMENTS))
+    monkeypatch.setattr(BadRewardEnv, "bad", bad)
+    envs.register("badcoin", BadRewardEnv)
+    tr = Trainer(_cfg(tmp_path, env="badcoin", updates=1))
+    with pytest.raises(ValueError, match=r"environment 'badcoin', episode seed \d+, step 2: .*" + re.escape(words)):
+        tr.train()

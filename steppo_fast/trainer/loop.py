@@ -30,7 +30,7 @@ from .. import advantages as adv_mod
 from ..logprob import linear_token_logprobs
 from ..losses import LossConfig, StepPOLoss, value_loss
 from ..ops import available_backends, resolve_backend
-from . import envs
+from . import checks
 from .config import TrainConfig
 from .models import ActorCritic, attn_implementation, build_policy, build_tokenizer
 from .rollout import Batch, Sampler, play
@@ -73,7 +73,7 @@ class Trainer:
                              f"({self.local_groups * cfg.group_size})")
         self.device = self._device()
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.env_factory = lambda: envs.make_env(cfg.env, **cfg.env_kwargs)
+        self.env_factory = checks.env_factory(cfg.env, cfg.env_kwargs)
         probe = self.env_factory()
         vocab = probe.vocabulary() if hasattr(probe, "vocabulary") else None
         tokenizer = build_tokenizer(vocab) if (vocab is not None and cfg.model is None) else None
@@ -120,6 +120,8 @@ class Trainer:
                 raise ValueError("device 'cuda' was requested but no GPU is available")
             if dev.index is None:
                 dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            if dev.index >= torch.cuda.device_count():
+                raise ValueError(f"device {str(dev)!r}: this machine has {torch.cuda.device_count()} GPU(s)")
             torch.cuda.set_device(dev)
         return dev
 
@@ -312,18 +314,38 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
             "history": self.history,
         }
+        state["checksums"] = checks.checksums(state)  # what load() verifies the tensors against
         tmp = self.ckpt_path + ".tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt_path)  # never a half-written checkpoint
 
     def load(self, path: Optional[str] = None) -> int:
-        """Restore model, optimiser, RNG and position from a checkpoint; returns the next update."""
+        """Restore model, optimiser, RNG and position from a checkpoint; returns the next update.
+
+        The checkpoint must have been saved under the same ``checks.RUN_IDENTITY`` settings, and
+        every tensor must be finite and match its saved checksum (a ValueError names the file and
+        the setting or tensor otherwise). Other settings may differ: the optimiser takes this
+        config's lr, critic_lr and weight_decay, and a line names every changed setting.
+        """
+        cfg = self.cfg
         path = path or self.ckpt_path
-        if not os.path.exists(path):
-            raise ValueError(f"no checkpoint to resume from at {path!r}")
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optim.load_state_dict(state["optim"])
+        state = checks.read_checkpoint(path)
+        conflicts, changes = checks.resume_changes(state["config"], cfg)
+        if conflicts:
+            raise ValueError(f"{path} was saved by a run with other settings ({'; '.join(conflicts)}); resume "
+                             f"it with its own settings, or start a new run in another folder")
+        update = int(state["update"])
+        if update > cfg.updates:
+            raise ValueError(f"{path} is at update {update}, past updates={cfg.updates}: give updates >= {update}")
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        checks.check_restored(state, path, [names[id(p)] for g in self.optim.param_groups for p in g["params"]])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optim.load_state_dict(state["optim"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"{path} does not fit the model of these settings: {' '.join(str(e).split())}") from e
+        for group, lr in zip(self.optim.param_groups, (cfg.lr, cfg.critic_lr)):
+            group["lr"], group["weight_decay"] = lr, cfg.weight_decay
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -331,7 +353,10 @@ class Trainer:
         if rng["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.history = list(state["history"])
-        self.start_update = int(state["update"])
+        self.start_update = update
+        if self.rank == 0:
+            what = f"changed settings: {', '.join(changes)}" if changes else "with the settings it was saved with"
+            print(f"resuming {path} at update {update} of {cfg.updates}; {what}", flush=True)
         return self.start_update
 
     def save_final(self) -> str:
@@ -343,21 +368,29 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ the run
-    def train(self, resume: bool = False, stop_after: Optional[int] = None) -> List[Dict[str, float]]:
+    def train(self, resume: bool = False, stop_after: Optional[int] = None,
+              overwrite: bool = False) -> List[Dict[str, float]]:
         """Run updates ``start .. cfg.updates`` (``stop_after``: stop early, for tests and demos).
 
         Prints a progress bar and a line per update, appends metrics to ``metrics.jsonl`` and
         saves a checkpoint every ``save_every`` updates and at the end. A non-finite loss stops
         the run with :class:`NonFiniteLoss`; the last checkpoint on disk is the last good state.
+        A folder that holds a run is refused unless ``resume`` (continue it) or ``overwrite``
+        (remove its files first) is given.
         """
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        checks.check_run_folder(cfg.out_dir, resume, overwrite)
+        if self.world > 1:
+            dist.barrier()  # every rank has looked at the folder before rank 0 changes it
         if resume:
             self.load()
         main = self.rank == 0
         if main:
-            os.makedirs(cfg.out_dir, exist_ok=True)
+            removed = checks.prepare_run_folder(cfg.out_dir, overwrite)
+            if removed:
+                print(f"replacing the run in {cfg.out_dir} (removed {', '.join(removed)})", flush=True)
             self._rewrite_metrics()
         end = cfg.updates if stop_after is None else min(cfg.updates, stop_after)
         bar = tqdm(range(self.start_update, end), total=cfg.updates, initial=self.start_update,
@@ -422,9 +455,12 @@ def backends_used(trainer: "Trainer") -> Dict[str, str]:
     return out
 
 
-def run(config: TrainConfig, resume: bool = False, stop_after: Optional[int] = None) -> List[Dict[str, float]]:
+def run(config: TrainConfig, resume: bool = False, stop_after: Optional[int] = None,
+        overwrite: bool = False) -> List[Dict[str, float]]:
     """Train under ``config``; under ``torchrun`` (WORLD_SIZE > 1) first join the process group
-    (nccl on GPUs, gloo on the CPU) and leave it at the end."""
+    (nccl on GPUs, gloo on the CPU) and leave it at the end. The run folder is checked before
+    the model is built (see :meth:`Trainer.train` for ``resume`` and ``overwrite``)."""
+    checks.check_run_folder(config.out_dir, resume, overwrite)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     joined = False
     if world > 1 and not dist.is_initialized():
@@ -432,7 +468,7 @@ def run(config: TrainConfig, resume: bool = False, stop_after: Optional[int] = N
         dist.init_process_group("nccl" if gpu else "gloo")
         joined = True
     try:
-        return Trainer(config).train(resume=resume, stop_after=stop_after)
+        return Trainer(config).train(resume=resume, stop_after=stop_after, overwrite=overwrite)
     finally:
         if joined:
             dist.destroy_process_group()
