@@ -54,6 +54,10 @@ from .advantages import compute as compute_advantages  # noqa: E402
 from .layout import StepLayout  # noqa: E402
 from .logprob import linear_cross_entropy, linear_token_logprobs, token_logprobs  # noqa: E402
 from .losses import LossConfig, StepPOLoss, linear_steppo_loss, policy_loss, value_loss  # noqa: E402
+from . import vocab_parallel  # noqa: E402
+from .vocab_parallel import linear_steppo_loss as vocab_parallel_linear_steppo_loss  # noqa: E402
+from .vocab_parallel import linear_token_logprobs as vocab_parallel_linear_token_logprobs  # noqa: E402
+from .vocab_parallel import token_logprobs as vocab_parallel_token_logprobs  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -72,4 +76,8 @@ __all__ = [
     "reference",
     "token_logprobs",
     "value_loss",
+    "vocab_parallel",
+    "vocab_parallel_linear_steppo_loss",
+    "vocab_parallel_linear_token_logprobs",
+    "vocab_parallel_token_logprobs",
 ]

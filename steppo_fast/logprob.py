@@ -59,6 +59,12 @@ def _check_labels(labels: Tensor, lead_shape, device, vocab: int, mask: Tensor, 
     return y
 
 
+def _is_dtensor(t) -> bool:
+    from .vocab_parallel import is_dtensor
+
+    return is_dtensor(t)
+
+
 def _check_temperature(temperature: float) -> float:
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
@@ -90,6 +96,11 @@ def token_logprobs(logits: Tensor, labels: Tensor, mask_or_layout: MaskOrLayout 
         (logp, entropy) shaped like labels, float32 (float64 for float64 logits), 0 on
         masked-out tokens. Differentiable in logits.
     """
+    if _is_dtensor(logits):  # vocabulary-split (or replicated) DTensor logits
+        from . import vocab_parallel
+
+        return vocab_parallel.token_logprobs(logits, labels, mask_or_layout, temperature, with_entropy=with_entropy,
+                                             inplace_backward=inplace_backward, validate=validate, backend=backend)
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError("logits must be a float tensor")
     if logits.dim() not in (2, 3):
@@ -164,6 +175,13 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask_o
         (logp, entropy) shaped like labels, float32, 0 on masked-out tokens. Differentiable in
         hidden, weight and bias; a weight that does not require grad costs no grad_W product.
     """
+    if _is_dtensor(weight):  # a DTensor lm_head (vocabulary-split, replicated or FSDP2-sharded)
+        from . import vocab_parallel
+
+        return vocab_parallel.linear_token_logprobs(hidden, weight, labels, mask_or_layout, temperature, bias,
+                                                    chunk=chunk, with_entropy=with_entropy,
+                                                    fp32_weight_grad=fp32_weight_grad, validate=validate,
+                                                    backend=backend)
     _check_head(hidden, weight, bias)
     tau = _check_temperature(temperature)
     chunk = _check_chunk(chunk)
@@ -190,11 +208,14 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempera
     """Drop-in for verl's ``linear_cross_entropy(hidden, weight, labels, temperature, reduction)``:
     (log_probs, entropy) of every token, float32, shaped like labels.
 
-    Only ``reduction="none"`` (what verl's actor uses) is supported. verl's tensor-parallel
-    vocabulary split (``dist_process_group``) is not: the weight must hold the whole vocabulary.
+    Only ``reduction="none"`` (what verl's actor uses) is supported. With verl's tensor-parallel
+    vocabulary split (``dist_process_group``, the weight this rank's rows) it is
+    ``vocab_parallel.linear_cross_entropy``.
     """
     if reduction != "none":
         raise ValueError(f"reduction must be 'none' (per-token log-probs and entropy), got {reduction!r}")
     if dist_process_group is not None:
-        raise ValueError("dist_process_group is not supported: pass the full (V, H) lm_head weight")
+        from . import vocab_parallel
+
+        return vocab_parallel.linear_cross_entropy(hidden, weight, labels, temperature, reduction, dist_process_group)
     return linear_token_logprobs(hidden, weight, labels, None, temperature)

@@ -233,8 +233,16 @@ def linear_steppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, layout: U
         ``linear_token_logprobs``; differentiable in hidden, weight and bias.
     """
     from . import linear_head
-    from .logprob import _check_chunk, _check_head, _check_labels, _check_temperature
+    from .logprob import _check_chunk, _check_head, _check_labels, _check_temperature, _is_dtensor
 
+    if _is_dtensor(weight):  # a DTensor lm_head (vocabulary-split, replicated or FSDP2-sharded)
+        from . import vocab_parallel
+
+        return vocab_parallel.linear_steppo_loss(hidden, weight, labels, layout, old_logp, advantages, loss_config,
+                                                 weights=weights, ref_logp=ref_logp, temperature=temperature,
+                                                 bias=bias, chunk=chunk, with_entropy=with_entropy,
+                                                 fp32_weight_grad=fp32_weight_grad, validate=validate,
+                                                 backend=backend)
     cfg = LossConfig.of(loss_config)
     _check_head(hidden, weight, bias)
     tau = _check_temperature(temperature)
@@ -319,6 +327,11 @@ class StepPOLoss(torch.nn.Module):
         temperature: the sampling temperature the log-probs are taken at.
         chunk: tokens per chunk of the fused head (None: automatic).
         backend: kernel backend ("auto", "reference", "cpp", "triton", ...).
+        process_group: the tensor-parallel group (a ProcessGroup or DeviceMesh) the lm_head, or the
+            logits, are split over along the vocabulary; each rank then passes its shard
+            (``steppo_fast.vocab_parallel``). A DTensor weight or DTensor logits need no group.
+        reduce_grad_hidden: with a vocabulary split, sum grad_hidden over the group (False where the
+            framework does, as Megatron's sequence-parallel gather does).
 
     Example::
 
@@ -327,8 +340,11 @@ class StepPOLoss(torch.nn.Module):
         loss, metrics = loss_fn(hidden, labels, layout, old_logp, advantages, weight=lm_head.weight)
     """
 
-    def __init__(self, config=None, temperature: float = 1.0, chunk: Optional[int] = None, backend: str = "auto"):
+    def __init__(self, config=None, temperature: float = 1.0, chunk: Optional[int] = None, backend: str = "auto",
+                 process_group=None, reduce_grad_hidden: bool = True):
         super().__init__()
+        self.process_group = process_group
+        self.reduce_grad_hidden = bool(reduce_grad_hidden)
         if isinstance(config, str):
             config = LossConfig.preset(config)
         self.config = LossConfig.of(config)
@@ -353,8 +369,13 @@ class StepPOLoss(torch.nn.Module):
         Returns:
             (loss, metrics): 0-dim loss and 0-dim metrics (see ``ops.POLICY_METRICS``).
         """
-        from .logprob import token_logprobs
+        from .logprob import _is_dtensor, token_logprobs
 
+        if self.process_group is not None or _is_dtensor(weight) or _is_dtensor(inputs):
+            from . import vocab_parallel
+
+            return vocab_parallel.step_po_loss(self, inputs, labels, layout, old_logp, advantages, weight, bias,
+                                               weights, ref_logp)
         cfg = self.config
         if weight is not None:
             return linear_steppo_loss(inputs, weight, labels, layout, old_logp, advantages, cfg, weights=weights,
