@@ -63,7 +63,11 @@ error that names both.
 Fused head: :func:`forward_with_steppo_fast` is a causal-LM forward with the signature and the
 output (``CausalLMOutputForPPO`` with ``log_probs`` and ``entropy``) of verl's
 ``use_fused_kernels`` forwards, computing them with ``linear_token_logprobs`` (no logits);
-:func:`use_fused_head` binds it to one model instance.
+:func:`use_fused_head` binds it to one model instance. The lm_head may be split over the vocabulary
+(a DTensor weight from torch tensor parallelism or FSDP2, or this rank's rows with the group given
+to ``use_fused_head``): the log-probs then come from ``steppo_fast.vocab_parallel``. For verl's
+Megatron backend, ``steppo_fast.vocab_parallel.linear_cross_entropy`` has the signature of verl's
+``linear_cross_entropy`` with its ``dist_process_group`` (the tensor-parallel group).
 
 Registration reaches verl's Ray workers through verl's own plugin mechanisms: the package
 declares this module in the ``verl.plugins`` entry-point group, which ``import verl`` loads in
@@ -83,8 +87,8 @@ from torch import Tensor
 
 from ..advantages import compute as compute_advantages
 from ..layout import StepLayout, step_ids_from_turns
-from ..logprob import linear_token_logprobs
 from ..losses import policy_loss
+from ..vocab_parallel import linear_token_logprobs as vocab_parallel_linear_token_logprobs
 
 __all__ = ["AUTHORS_ESTIMATOR_NAMES", "ESTIMATORS", "LOSS_MODES", "compute_advantage", "compute_policy_loss_steppo",
            "compute_policy_loss_steppo_rows", "compute_policy_loss_steppo_token",
@@ -834,18 +838,27 @@ def forward_with_steppo_fast(self, input_ids=None, attention_mask=None, position
     else:
         raise ValueError("forward_with_steppo_fast needs labels, shift_labels or input_ids")
     head = self.lm_head
-    log_probs, entropy = linear_token_logprobs(hidden, head.weight, targets, None, temperature,
-                                               getattr(head, "bias", None), validate=False)
+    # A vocabulary-split head (a DTensor weight, or this rank's rows with the group given to
+    # use_fused_head) takes the vocabulary-parallel path; a whole one the local op.
+    log_probs, entropy = vocab_parallel_linear_token_logprobs(
+        hidden, head.weight, targets, None, temperature, getattr(head, "bias", None),
+        process_group=getattr(self, "_steppo_fast_process_group", None), validate=False)
     return CausalLMOutputForPPO(log_probs=log_probs, entropy=entropy.to(hidden.dtype),
                                 past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
                                 attentions=outputs.attentions)
 
 
-def use_fused_head(model):
+def use_fused_head(model, process_group=None):
     """Binds :func:`forward_with_steppo_fast` as ``model.forward`` (this instance only; the class and
-    other models are untouched) and returns the model."""
+    other models are untouched) and returns the model.
+
+    process_group: the tensor-parallel group when ``model.lm_head.weight`` holds only this rank's
+    rows of the vocabulary (``steppo_fast.vocab_parallel``); not needed for a DTensor weight
+    (torch tensor parallelism, FSDP2), whose mesh says how it is split.
+    """
     if not hasattr(model, "lm_head") or not hasattr(model, "model"):
         raise TypeError(f"use_fused_head needs a causal LM with .model and .lm_head, got {type(model).__name__}")
+    model._steppo_fast_process_group = process_group
     model.forward = types.MethodType(forward_with_steppo_fast, model)
     return model
 
