@@ -69,6 +69,7 @@ from torch import Tensor
 
 from . import tensor_parallel as tp
 from .layout import StepLayout
+from .ops import vocab_parallel as vp_ops  # registers the steppo_fast::vocab_parallel_* ops
 
 __all__ = ["linear_cross_entropy", "linear_steppo_loss", "linear_token_logprobs", "token_logprobs"]
 
@@ -239,7 +240,7 @@ def _fingerprint(*tensors: Optional[Tensor]) -> Tensor:
     for t in tensors:
         if t is None or t.numel() == 0:
             continue
-        x = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+        x = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(-1, 1)  # a row per token
         f = (x.sum(1, dtype=torch.float64) * _weights(x.shape[0], x.device)).sum()
         out = f if out is None else out * 1.000001 + f
     return out if out is not None else torch.zeros((), dtype=torch.float64)
@@ -467,8 +468,6 @@ def token_logprobs(logits: Tensor, labels: Tensor, mask_or_layout=None, temperat
         fields.update(_label_range(y, mask))
         fields["tokens_fp"] = _fingerprint(torch.where(mask, y.long(), torch.full_like(y.long(), -1)))
     plan = _agree("token_logprobs", shard, z.device, fields, can_gather=False)
-    from .ops import vocab_parallel as vp_ops
-
     logp, ent = vp_ops.token_logprobs(z, y, mask, tau, with_entropy, inplace_backward, plan.shards, backend)
     return logp.reshape(lead), ent.reshape(lead)
 
@@ -545,8 +544,6 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask_o
                             fp32_weight_grad, validate, backend)
     if chunk_req == 0:
         chunk_req = linear_head.auto_chunk(plan.shards.vocab, hidden.dtype, hidden.device)
-    from .ops import vocab_parallel as vp_ops
-
     h = hidden.reshape(-1, hidden.shape[-1])
     logp, ent = vp_ops.linear_token_logprobs(h, shard.tensor, y, rows, tau, shard.bias, with_entropy, chunk_req,
                                              fp32_weight_grad, reduce_grad_hidden, plan.shards, backend)
@@ -663,8 +660,6 @@ def linear_steppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, layout, o
                      dual_clip=cfg.dual_clip, agg_mode=cfg.agg_mode, entropy_coef=cfg.entropy_coef,
                      kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, global_num_tokens=cfg.global_num_tokens,
                      global_num_steps=cfg.global_num_steps, norm_constant=norm)
-    from .ops import vocab_parallel as vp_ops
-
     h = hidden.reshape(-1, hidden.shape[-1])
     w = shard.tensor
     return vp_ops.linear_policy_loss(

@@ -155,13 +155,14 @@ def _run_loss(rank, world, dtype, vocab, opt, extra, bias=False, how="front"):
     br = _leaf(c["b"][sl]) if bias else None
     kw["bias"] = br
     ref_lp = c["ref_lp"] if opt.get("kl_coef") else None
+    group = _mesh(world) if how == "mesh" else dist.group.WORLD  # a 1-D DeviceMesh or a ProcessGroup
     if how == "module":
         mod = sf.StepPOLoss(opt, temperature=kw["temperature"], chunk=kw["chunk"], process_group=dist.group.WORLD)
         loss, m = mod(hh, c["y"], c["layout"], c["old"], c["adv"], weight=wr, bias=br, weights=kw.get("weights"),
                       ref_logp=ref_lp)
     else:
         loss, m = sf.vocab_parallel_linear_steppo_loss(hh, wr, c["y"], c["layout"], c["old"], c["adv"], opt,
-                                                       process_group=dist.group.WORLD, ref_logp=ref_lp, **kw)
+                                                       process_group=group, ref_logp=ref_lp, **kw)
     loss.backward()
     out = {"loss": loss.detach(), "metrics": {k: v.detach() for k, v in m.items()}, "grad_hidden": hh.grad,
            "grad_weight": wr.grad}
@@ -321,6 +322,42 @@ def _run_triton(rank, world):
     return out
 
 
+def _tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    return Qwen2ForCausalLM(cfg).double(), torch.randint(0, 61, (3, 10))
+
+
+def _run_verl(rank, world):
+    """verl's fused-kernel forward with the lm_head split: this rank's rows plus the group, or a DTensor."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from steppo_fast.integrations import verl as sv
+
+    out = {}
+    for kind in ("rows", "dtensor"):
+        model, ids = _tiny_qwen2()
+        full = model.lm_head.weight.detach()
+        if kind == "rows":
+            head = torch.nn.Linear(32, full.shape[0], bias=False, dtype=full.dtype)
+            head.weight = torch.nn.Parameter(full[_slice(61, world, rank)].clone())
+            model.lm_head = head
+            sv.use_fused_head(model, process_group=dist.group.WORLD)
+        else:
+            model.lm_head.weight = torch.nn.Parameter(distribute_tensor(full, _mesh(world), [Shard(0)]))
+            sv.use_fused_head(model)
+        res = model(input_ids=ids, attention_mask=torch.ones_like(ids), temperature=0.7)
+        (res.log_probs.sum() + 0.5 * res.entropy.sum()).backward()
+        gw = model.lm_head.weight.grad
+        out[kind] = {"logp": res.log_probs.detach(), "entropy": res.entropy.detach(),
+                     "grad_head": gw.to_local() if kind == "dtensor" else gw,
+                     "grad_embed": model.model.embed_tokens.weight.grad}
+    return out
+
+
 def _suite_two(rank, world):
     res = {}
     for dt in (torch.float64, torch.float32):
@@ -337,12 +374,15 @@ def _suite_two(rank, world):
                                          bias=True)
     res["loss-module"] = lambda: _run_loss(rank, world, torch.float64, 13, {"ratio_level": "step"}, dict(chunk=3),
                                            how="module")
+    res["loss-mesh"] = lambda: _run_loss(rank, world, torch.float64, 13, {"ratio_level": "token"}, dict(chunk=3),
+                                         how="mesh")
     res["loss-logits-module"] = lambda: _run_logits_module(rank, world)
     res["cross-entropy"] = lambda: _run_cross_entropy(rank, world)
     res["dtensor"] = lambda: _run_dtensor(rank, world)
     res["fsdp"] = lambda: _run_fsdp(rank, world)
     res["repro"] = lambda: _run_repro(rank, world)
     res["errors"] = lambda: _run_errors(rank, world)
+    res["verl"] = lambda: _run_verl(rank, world)
     if TRITON:
         res["triton"] = lambda: _run_triton(rank, world)
     return res
@@ -527,9 +567,10 @@ def test_linear_steppo_loss_from_weight_shards(two, case):
     _check_loss(_get(two, f"loss-{name}"), vocab, dtype, 2, opt, extra)
 
 
-def test_linear_steppo_loss_bias_and_module(two):
+def test_linear_steppo_loss_bias_module_and_device_mesh(two):
     _check_loss(_get(two, "loss-bias"), 13, torch.float64, 2, {"ratio_level": "step"}, dict(chunk=3), bias=True)
     _check_loss(_get(two, "loss-module"), 13, torch.float64, 2, {"ratio_level": "step"}, dict(chunk=3))
+    _check_loss(_get(two, "loss-mesh"), 13, torch.float64, 2, {"ratio_level": "token"}, dict(chunk=3))
 
 
 def test_steppo_loss_module_on_logits_shards(two):
@@ -635,6 +676,21 @@ def test_bad_input_raises_on_every_rank(two, case, pattern):
 def test_group_still_works_after_errors(two):
     _check_loss([r["after"] for r in _get(two, "errors")], 13, torch.float64, 2, {"ratio_level": "step"},
                 dict(chunk=3))
+
+
+def test_verl_fused_forward_with_a_vocabulary_split_head(two):
+    model, ids = _tiny_qwen2()
+    hidden = model.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    lp, en = ref.linear_token_logprobs(hidden.reshape(30, -1), model.lm_head.weight, torch.roll(ids, -1, -1).reshape(-1),
+                                       None, 0.7)
+    (lp.sum() + 0.5 * en.sum()).backward()
+    for r, out in enumerate(_get(two, "verl")):
+        for kind in ("rows", "dtensor"):
+            got = out[kind]
+            assert_close(got["logp"], lp.reshape(3, 10), msg=kind)
+            assert_close(got["entropy"], en.reshape(3, 10), msg=kind)
+            assert_close(got["grad_head"], model.lm_head.weight.grad[_slice(61, 2, r)], msg=kind)
+            assert_close(got["grad_embed"], model.model.embed_tokens.weight.grad, msg=kind)
 
 
 @pytest.mark.triton
