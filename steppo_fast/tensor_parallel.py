@@ -120,7 +120,8 @@ def exchange(local: Tensor, shards: VocabShards) -> Tensor:
     """All-gather of each rank's (STATS, m) float64 statistics: (world, STATS, m), group-rank order."""
     local = local.contiguous()
     out = torch.empty((shards.world,) + tuple(local.shape), dtype=local.dtype, device=local.device)
-    all_gather_flat(out.view(-1), local.view(-1), shards.group)
+    if local.numel():  # no tokens: nothing to send (every rank has none: the fronts check the counts agree)
+        all_gather_flat(out.view(-1), local.view(-1), shards.group)
     return out
 
 
