@@ -53,6 +53,13 @@ in sizes are still caught) but not the collective, which also reads the shard si
 
 Every rank must make the same calls in the same order, with the same options; the loss, log-probs
 and their gradients with respect to anything but the shards are identical on every rank.
+
+Reproducibility: the per-token statistics are all-gathered and every rank combines them in rank
+order in float64, so the log-probs, entropies, loss and metrics are the same bits on every rank,
+and they and the weight-shard gradients the same bits in every run. grad_hidden's sum is the
+backend's all-reduce: with two ranks any order gives the same bits; with more it is as
+reproducible as the backend's all-reduce. In bf16/fp16 that sum is taken in the hidden states'
+dtype, as Megatron's is (one more rounding than the unsharded op's).
 """
 
 from __future__ import annotations
