@@ -81,7 +81,7 @@ from .ops import vocab_parallel as vp_ops  # registers the steppo_fast::vocab_pa
 __all__ = ["linear_cross_entropy", "linear_steppo_loss", "linear_token_logprobs", "token_logprobs"]
 
 
-# ------------------------------------------------------------------ DTensor helpers
+# ------------------------------------------------------------------ DTensors
 @functools.lru_cache(maxsize=None)
 def _dtensor_api():
     """(DTensor, Shard, Replicate) or None where torch has no DTensor."""
