@@ -39,7 +39,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from .harness import environment, markdown_table, peak_memory_bytes
+from .harness import markdown_table, peak_memory_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
