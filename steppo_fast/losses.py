@@ -227,10 +227,16 @@ def linear_steppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, layout: U
             chunk is split and costs one extra product for its tokens.
         with_entropy: compute entropies (the ``entropy`` metric and the entropy bonus).
         fp32_weight_grad: accumulate grad_weight across chunks in fp32 (bf16/fp16 weights).
-        validate: check labels of agent tokens lie in [0, V) (one host sync).
+        validate: check labels of agent tokens lie in [0, V) (one host sync; pass False under
+            ``torch.compile(fullgraph=True)`` or CUDA-graph capture).
     Returns:
         (loss, metrics): the same 0-dim loss and metrics as ``policy_loss`` on the log-probs of
         ``linear_token_logprobs``; differentiable in hidden, weight and bias.
+
+    Under ``torch.compile`` (with a prebuilt StepLayout and ``validate=False``) the call traces
+    without a graph break. The trace cannot read the steps' boundaries on the host, so a batch
+    of more agent tokens than one chunk is then processed as one long step: the same loss and
+    gradients, with one more product per chunk (8 N H V flops instead of 6).
     """
     from . import linear_head
     from .logprob import _check_chunk, _check_head, _check_labels, _check_temperature, _is_dtensor
@@ -278,8 +284,15 @@ def linear_steppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, layout: U
     if chunk == 0:
         chunk = linear_head.auto_chunk(weight.shape[0], hidden.dtype, hidden.device)
     step_level = cfg.ratio_level == "step"
-    offsets = layout.host_step_token_offsets().tolist() if step_level else None
-    bounds, split_step = linear_head.plan_chunks(rows.numel(), chunk, offsets)
+    if step_level and _tracing():
+        # A trace cannot read the steps' boundaries on the host, so the batch is planned as one
+        # long step: fixed chunks whose statistics all come first (exact step ratios, one extra
+        # product per chunk when the batch spans more than one chunk).
+        bounds, _ = linear_head.plan_chunks(rows.numel(), chunk)
+        split_step = [1 if len(bounds) > 2 else 0] * (len(bounds) - 1)
+    else:
+        offsets = layout.host_step_token_offsets().tolist() if step_level else None
+        bounds, split_step = linear_head.plan_chunks(rows.numel(), chunk, offsets)
     norm = cfg.norm_constant
     if norm is None and cfg.agg_mode == "seq-mean-token-sum-norm":
         norm = float(layout.token_shape[1])
@@ -292,6 +305,12 @@ def linear_steppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, layout: U
         cfg.kl_type, cfg.global_num_tokens, cfg.global_num_steps, norm, tau, with_entropy,
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad, fp32_weight_grad, backend)
+
+
+def _tracing() -> bool:
+    """True while torch.compile traces the caller (host values of tensors are unknown then)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Optional[Tensor] = None,
@@ -332,6 +351,9 @@ class StepPOLoss(torch.nn.Module):
             (``steppo_fast.vocab_parallel``). A DTensor weight or DTensor logits need no group.
         reduce_grad_hidden: with a vocabulary split, sum grad_hidden over the group (False where the
             framework does, as Megatron's sequence-parallel gather does).
+        validate: check that the labels of agent tokens lie in [0, V) (one host sync). Pass False
+            to compile the module with ``torch.compile(fullgraph=True)`` or capture it in a CUDA
+            graph (with a prebuilt StepLayout); a bad label then gives NaN in its token's row.
 
     Example::
 
@@ -341,7 +363,7 @@ class StepPOLoss(torch.nn.Module):
     """
 
     def __init__(self, config=None, temperature: float = 1.0, chunk: Optional[int] = None, backend: str = "auto",
-                 process_group=None, reduce_grad_hidden: bool = True):
+                 process_group=None, reduce_grad_hidden: bool = True, validate: bool = True):
         super().__init__()
         self.process_group = process_group
         self.reduce_grad_hidden = bool(reduce_grad_hidden)
@@ -352,6 +374,7 @@ class StepPOLoss(torch.nn.Module):
             raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
         self.temperature = float(temperature)
         self.chunk = chunk
+        self.validate = bool(validate)
         self.backend = backend
 
     def extra_repr(self) -> str:
@@ -380,10 +403,11 @@ class StepPOLoss(torch.nn.Module):
         if weight is not None:
             return linear_steppo_loss(inputs, weight, labels, layout, old_logp, advantages, cfg, weights=weights,
                                       ref_logp=ref_logp, temperature=self.temperature, bias=bias, chunk=self.chunk,
-                                      backend=self.backend)
+                                      validate=self.validate, backend=self.backend)
         if bias is not None:
             raise ValueError("bias is only used with weight= (hidden states and the lm_head)")
-        logp, ent = token_logprobs(inputs, labels, layout, self.temperature, backend=self.backend)
+        logp, ent = token_logprobs(inputs, labels, layout, self.temperature, validate=self.validate,
+                                   backend=self.backend)
         return policy_loss(logp, old_logp, advantages, layout,
                            ratio_level=cfg.ratio_level, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                            dual_clip=cfg.dual_clip, agg_mode=cfg.agg_mode, weights=weights, entropy=ent,
