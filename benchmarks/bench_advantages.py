@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from types import SimpleNamespace
-from typing import List
+from typing import Iterator, List
 
 import torch
 
@@ -80,41 +80,51 @@ def _compiled(fn):
     return c
 
 
-def cases(device: str, quick: bool) -> List[Case]:
-    sizes = [1024] if quick else [1024, 65536] + ([1 << 20] if device == "cuda" else [])
-    tok = (16, 64) if quick else (64, 256)
-    out = []
+def cases(device: str, grid: str) -> Iterator[Case]:
+    """Every estimator per size, smallest first; each size's batch is built when its turn comes."""
+    if grid == "tiny":
+        sizes, tok = [64], (4, 16)
+    elif grid == "quick":
+        sizes, tok = [1024], (16, 64)
+    else:
+        sizes, tok = [1024, 65536] + ([1 << 20] if device == "cuda" else []), (64, 256)
     for S in sizes:
-        lay, rew, vals = make_layout(S, tok, (4, 8), 8, device)
-        flat = rew.reshape(-1)
-        st = {"lay": lay, "rew": flat}
-        size = {"steps": lay.num_steps, "tokens": lay.num_active_tokens}
+        yield from _cases_of_size(S, tok, device, compiled_peer=grid != "tiny")
 
-        # step_rewards: read each agent token's reward and index once, write S values.
-        sr_bytes = lay.num_active_tokens * (flat.element_size() + 8) + lay.num_steps * 4
-        vs = [Variant("eager", lambda s: ref.step_rewards(s["rew"], s["lay"].token_step, s["lay"].num_steps), "peer")]
-        vs.append(Variant("torch.compile", lambda s, f=_compiled(ref.step_rewards): f(s["rew"], s["lay"].token_step,
-                                                                                          s["lay"].num_steps), "peer"))
-        for b in ops.available_backends("step_rewards", device):
-            if b != "reference":
-                vs.append(Variant(f"steppo_fast[{b}]", lambda s, b=b: ops.step_rewards(
-                    s["rew"], s["lay"].token_step, s["lay"].step_tokens, s["lay"].step_token_offsets, backend=b)))
-        out.append(Case("step_rewards", size, st,
-                        lambda s: ref.step_rewards(s["rew"].double(), s["lay"].token_step, s["lay"].num_steps),
-                        bytes_moved=sr_bytes, variants=vs))
 
-        r_s = ref.step_rewards(flat, lay.token_step, lay.num_steps)
-        v_s = lay.step_values_from_tokens(vals)
-        st2 = {"lay": lay, "r": r_s, "v": v_s}
-        gae_bytes = lay.num_steps * 4 * 4
-        vs = [Variant("eager", lambda s: ref.step_gae(s["r"], s["v"], s["lay"].traj_step_offsets, 0.99, 0.95), "peer"),
-              Variant(f"steppo_fast[{ops.resolve_backend('step_gae', torch.device(device))}]", lambda s: ops.step_gae(s["r"], s["v"], s["lay"].traj_step_offsets, 0.99, 0.95))]
-        out.append(Case("step_gae", size, st2,
-                        lambda s: ref.step_gae(s["r"].double(), s["v"].double(), s["lay"].traj_step_offsets, 0.99,
-                                               0.95), bytes_moved=gae_bytes, variants=vs))
-        out.append(_gigpo_case(lay, rew, S, device))
-        out += _token_level_cases(S, tok, device)
-        out += _outcome_cases(S, tok, device)
+def _cases_of_size(S: int, tok: tuple, device: str, compiled_peer: bool) -> List[Case]:
+    out = []
+    lay, rew, vals = make_layout(S, tok, (4, 8), 8, device)
+    flat = rew.reshape(-1)
+    st = {"lay": lay, "rew": flat}
+    size = {"steps": lay.num_steps, "tokens": lay.num_active_tokens}
+
+    # step_rewards: read each agent token's reward and index once, write S values.
+    sr_bytes = lay.num_active_tokens * (flat.element_size() + 8) + lay.num_steps * 4
+    vs = [Variant("eager", lambda s: ref.step_rewards(s["rew"], s["lay"].token_step, s["lay"].num_steps), "peer")]
+    if compiled_peer:
+        vs.append(Variant("torch.compile", lambda s, f=_compiled(ref.step_rewards): f(
+            s["rew"], s["lay"].token_step, s["lay"].num_steps), "peer"))
+    for b in ops.available_backends("step_rewards", device):
+        if b != "reference":
+            vs.append(Variant(f"steppo_fast[{b}]", lambda s, b=b: ops.step_rewards(
+                s["rew"], s["lay"].token_step, s["lay"].step_tokens, s["lay"].step_token_offsets, backend=b)))
+    out.append(Case("step_rewards", size, st,
+                    lambda s: ref.step_rewards(s["rew"].double(), s["lay"].token_step, s["lay"].num_steps),
+                    bytes_moved=sr_bytes, variants=vs))
+
+    r_s = ref.step_rewards(flat, lay.token_step, lay.num_steps)
+    v_s = lay.step_values_from_tokens(vals)
+    st2 = {"lay": lay, "r": r_s, "v": v_s}
+    gae_bytes = lay.num_steps * 4 * 4
+    vs = [Variant("eager", lambda s: ref.step_gae(s["r"], s["v"], s["lay"].traj_step_offsets, 0.99, 0.95), "peer"),
+          Variant(f"steppo_fast[{ops.resolve_backend('step_gae', torch.device(device))}]", lambda s: ops.step_gae(s["r"], s["v"], s["lay"].traj_step_offsets, 0.99, 0.95))]
+    out.append(Case("step_gae", size, st2,
+                    lambda s: ref.step_gae(s["r"].double(), s["v"].double(), s["lay"].traj_step_offsets, 0.99,
+                                           0.95), bytes_moved=gae_bytes, variants=vs))
+    out.append(_gigpo_case(lay, rew, S, device))
+    out += _token_level_cases(S, tok, device)
+    out += _outcome_cases(S, tok, device)
     return out
 
 
@@ -232,12 +242,12 @@ def _token_level_cases(num_steps: int, tok: tuple, device: str) -> List[Case]:
     cells = mask.numel()
     out = []
     vs = [Variant("eager", lambda s: gae(s, "reference"), "peer")]
-    vs += [Variant("verl compute_gae_advantage_return", verl_gae, "peer")] if loops else []
+    vs += [Variant("verl compute_gae_advantage_return", verl_gae, "peer", requires=("verl",))] if loops else []
     vs.append(Variant(f"steppo_fast[{backend}]", gae))
     out.append(Case("token_gae (+ whiten)", size, st, lambda s: gae(s, "reference", torch.float64),
                     bytes_moved=cells * (4 + 4 + 1 + 4 + 4), variants=vs))
     vs = [Variant("eager", lambda s: rpp(s, "reference"), "peer")]
-    vs += [Variant("verl reinforce_plus_plus", verl_rpp, "peer")] if loops else []
+    vs += [Variant("verl reinforce_plus_plus", verl_rpp, "peer", requires=("verl",))] if loops else []
     vs.append(Variant(f"steppo_fast[{backend}]", rpp))
     out.append(Case("reinforce_pp (+ whiten)", size, st, lambda s: rpp(s, "reference", torch.float64),
                     bytes_moved=cells * (4 + 1 + 4), variants=vs))
@@ -284,8 +294,8 @@ def _outcome_cases(num_rows: int, tok: tuple, device: str) -> List[Case]:
                                       backend="reference").token_advantages
 
         vs = [Variant("eager", lambda s, f=ours: f(s, backend="reference"), "peer")]
-        vs += [Variant(f"verl {p.replace('compute_', '').replace('_outcome_advantage', '')}", _verl(p), "peer")
-               for p in peers]
+        vs += [Variant(f"verl {p.replace('compute_', '').replace('_outcome_advantage', '')}", _verl(p), "peer",
+                       requires=("verl",)) for p in peers]
         vs.append(Variant(f"steppo_fast[{ops.resolve_backend('group_advantage', torch.device(device))}]", ours))
         out.append(Case(f"{est} (+ broadcast)", size, st, oracle, bytes_moved=moved, variants=vs))
     return out

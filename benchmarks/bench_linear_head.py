@@ -19,13 +19,14 @@ TFLOP/s counts 6 N H V flops (one product forward, two backward) for every varia
 N tokens of the batch; cases marked agent=1.0 have every token an agent token, so no variant
 skips work there. Where only a share of tokens are agent tokens, steppo_fast multiplies only
 those (the peers multiply all). extra_MiB is the peak beyond the gradients of hidden and
-weight a variant must return. The fp64 oracle runs chunk by chunk (materialised logits of
-512 tokens at a time).
+weight a variant must return. The fp64 oracle runs chunk by chunk on the inputs' device
+(materialised logits of 512 tokens at a time); the behaviour log-probs of the batch are drawn
+near the current ones, computed in float32 chunks on the device.
 """
 
 from __future__ import annotations
 
-from typing import List
+from typing import Iterator
 
 import torch
 
@@ -35,27 +36,41 @@ from steppo_fast import reference as ref
 from .harness import Case, Variant
 
 
-def _batch(n_tok: int, hidden: int, vocab: int, dtype, device: str, agent: float, tokens_per_step: int = 256):
+def make_batch(n_tok: int, hidden: int, vocab: int, dtype, device: str, agent: float, tokens_per_step: int = 256,
+               logits_bytes: int = 256 << 20):
     """Step rows: B = n_tok / T rows of T tokens, each row one step whose first ``agent`` share of
-    tokens (at least one) are agent tokens."""
-    g = torch.Generator().manual_seed(0)
+    tokens (at least one) are agent tokens. Drawn on the device in the input dtype; the behaviour
+    log-probs take at most ``logits_bytes`` of float32 logits at a time."""
+    g = torch.Generator(device=device).manual_seed(0)
     T = min(tokens_per_step, n_tok)
     B = n_tok // T
-    h = torch.randn(B, T, hidden, generator=g)
-    w = torch.randn(vocab, hidden, generator=g) / hidden ** 0.5 * 2.0
-    y = torch.randint(0, vocab, (B, T), generator=g)
-    lengths = torch.full((B,), max(1, int(round(agent * T))))
-    mask = torch.arange(T)[None, :] < lengths[:, None]
-    adv = torch.randn(B, generator=g)
-    with torch.no_grad():  # behaviour log-probs near the current ones, so some steps clip
-        lp, _ = ref.linear_token_logprobs(h.reshape(-1, hidden).double(), w.double(), y.reshape(-1))
-    old = (lp.reshape(B, T) + 0.05 * torch.randn(B, T, generator=g)).float()
-    lay = sf.StepLayout.from_step_rows(mask, torch.arange(B), torch.zeros(B, dtype=torch.long)).to(device)
     to = dict(device=device)
-    return {"h": h.to(dtype).to(**to), "w": w.to(dtype).to(**to), "y": y.to(**to), "mask": mask.to(**to),
-            "maskf": mask.float().to(**to), "adv_row": adv.to(**to),
-            "adv": adv[:, None].expand(B, T).contiguous().to(**to),
-            "old": old.to(**to), "layout": lay, "B": B, "T": T}
+    h = torch.randn(B, T, hidden, generator=g, **to).to(dtype)
+    w = (torch.randn(vocab, hidden, generator=g, **to) * (2.0 / hidden ** 0.5)).to(dtype)
+    y = torch.randint(0, vocab, (B, T), generator=g, **to)
+    lengths = torch.full((B,), max(1, int(round(agent * T))), **to)
+    mask = torch.arange(T, **to)[None, :] < lengths[:, None]
+    adv = torch.randn(B, generator=g, **to)
+    # Behaviour log-probs near the current ones, so some steps clip.
+    old = (_current_logp(h.reshape(-1, hidden), w, y.reshape(-1), logits_bytes).reshape(B, T)
+           + 0.05 * torch.randn(B, T, generator=g, **to))
+    rows = torch.arange(B, **to)
+    lay = sf.StepLayout.from_step_rows(mask, rows, torch.zeros_like(rows))
+    return {"h": h, "w": w, "y": y, "mask": mask, "maskf": mask.float(), "adv_row": adv,
+            "adv": adv[:, None].expand(B, T).contiguous(), "old": old, "layout": lay, "B": B, "T": T}
+
+
+def _current_logp(h, w, y, logits_bytes: int = 256 << 20):
+    """(N,) float32 log-probs of the labels under h W^T, chunk by chunk on the device, in float32
+    (at most ``logits_bytes`` of logits at a time; never an N x V or float64 copy)."""
+    wf = w.float()
+    rows = max(1, logits_bytes // (4 * w.shape[0]))
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    with torch.no_grad():
+        for i in range(0, h.shape[0], rows):
+            z = h[i:i + rows].float() @ wf.t()
+            out[i:i + rows] = torch.log_softmax(z, -1).gather(-1, y[i:i + rows, None]).squeeze(-1)
+    return out
 
 
 def _leaves(s):
@@ -201,23 +216,27 @@ def _lp_oracle(s, rows_per_chunk: int = 512):
     return torch.cat(logps), torch.cat(ents), gh.reshape(s["h"].shape), gw
 
 
-def _shapes(device: str, quick: bool):
-    """(tokens, hidden, vocab, dtype, share of agent tokens)."""
+def _shapes(device: str, grid: str):
+    """(tokens, hidden, vocab, dtype, share of agent tokens, tokens per step), the headline size first."""
     if device == "cuda":
-        if quick:
-            return [(4096, 4096, 151936, torch.bfloat16, 1.0)]
-        return [(16384, 4096, 151936, torch.bfloat16, 1.0), (16384, 4096, 151936, torch.bfloat16, 0.6),
-                (65536, 4096, 151936, torch.bfloat16, 1.0)]
-    if quick:
-        return [(512, 256, 32000, torch.float32, 1.0)]
-    return [(2048, 512, 32000, torch.float32, 1.0), (2048, 512, 32000, torch.float32, 0.6),
-            (2048, 512, 151936, torch.float32, 1.0)]
+        if grid == "tiny":
+            return [(1024, 256, 4096, torch.bfloat16, 1.0, 256)]
+        if grid == "quick":
+            return [(4096, 4096, 151936, torch.bfloat16, 1.0, 256)]
+        return [(16384, 4096, 151936, torch.bfloat16, 1.0, 256), (16384, 4096, 151936, torch.bfloat16, 0.6, 256),
+                (65536, 4096, 151936, torch.bfloat16, 1.0, 256)]
+    if grid == "tiny":
+        return [(64, 32, 500, torch.float32, 0.6, 16)]
+    if grid == "quick":
+        return [(512, 256, 32000, torch.float32, 1.0, 256)]
+    return [(2048, 512, 32000, torch.float32, 1.0, 256), (2048, 512, 32000, torch.float32, 0.6, 256),
+            (2048, 512, 151936, torch.float32, 1.0, 256)]
 
 
-def cases(device: str, quick: bool) -> List[Case]:
-    out = []
-    for n, hdim, v, dt, agent in _shapes(device, quick):
-        s = _batch(n, hdim, v, dt, device, agent)
+def cases(device: str, grid: str) -> Iterator[Case]:
+    """The fused loss and the log-prob primitive per size, built when their turn comes."""
+    for n, hdim, v, dt, agent, per_step in _shapes(device, grid):
+        s = make_batch(n, hdim, v, dt, device, agent, per_step)
         size = {"N": n, "H": hdim, "V": v, "dtype": str(dt).replace("torch.", ""), "agent": agent}
         grads_bytes = (n * hdim + v * hdim) * s["h"].element_size()
         flops = 6.0 * n * hdim * v
@@ -225,21 +244,22 @@ def cases(device: str, quick: bool) -> List[Case]:
         loss_variants = [] if big else [Variant("eager", _loss_eager, "peer", required_bytes=grads_bytes)]
         loss_variants += [
             Variant("liger fused linear GRPO (GSPO)", _loss_liger(device == "cuda"), "peer",
-                    required_bytes=grads_bytes),
-            Variant("verl FusedLinearForPPO + loss", _loss_verl, "peer", required_bytes=grads_bytes),
+                    required_bytes=grads_bytes, requires=("liger_kernel",)),
+            Variant("verl FusedLinearForPPO + loss", _loss_verl, "peer", required_bytes=grads_bytes,
+                    requires=("verl",)),
             Variant("steppo_fast primitive + loss", _loss_primitive, required_bytes=grads_bytes),
             Variant("steppo_fast fused loss", _loss_fused(True), required_bytes=grads_bytes),
             Variant("steppo_fast fused loss, no entropy", _loss_fused(False), required_bytes=grads_bytes),
         ]
-        out.append(Case("linear_steppo_loss fwd+bwd", size, s, _loss_oracle, flops=flops, variants=loss_variants))
+        yield Case("linear_steppo_loss fwd+bwd", size, s, _loss_oracle, flops=flops, variants=loss_variants)
 
         lp_variants = [] if big else [Variant("eager", _lp_eager, "peer", required_bytes=grads_bytes)]
         lp_variants += [
-            Variant("verl FusedLinearForPPO", _lp_verl, "peer", required_bytes=grads_bytes),
+            Variant("verl FusedLinearForPPO", _lp_verl, "peer", required_bytes=grads_bytes, requires=("verl",)),
         ]
         if device == "cuda":
             lp_variants.append(Variant("verl linear_cross_entropy", _lp_verl_triton, "peer",
-                                       required_bytes=grads_bytes))
+                                       required_bytes=grads_bytes, requires=("verl",)))
         lp_variants.append(Variant("steppo_fast", _lp_steppo, required_bytes=grads_bytes))
-        out.append(Case("linear_token_logprobs fwd+bwd", size, s, _lp_oracle, flops=flops, variants=lp_variants))
-    return out
+        yield Case("linear_token_logprobs fwd+bwd", size, s, _lp_oracle, flops=flops, variants=lp_variants)
+        del s

@@ -14,7 +14,7 @@ beyond the gradient a variant must return (the logits buffer itself for in-place
 
 from __future__ import annotations
 
-from typing import List
+from typing import Iterator
 
 import torch
 
@@ -88,45 +88,58 @@ def _oracle(with_grad: bool, rows_per_chunk: int = 512):
     return run
 
 
-def _shapes(device: str, quick: bool):
+def _shapes(device: str, grid: str):
+    """(tokens, vocabulary, dtype), the headline size first."""
     if device == "cuda":
-        if quick:
+        if grid == "tiny":
+            return [(256, 4096, torch.bfloat16)]
+        if grid == "quick":
             return [(4096, 151936, torch.bfloat16)]
         return [(16384, 151936, torch.bfloat16), (4096, 32000, torch.bfloat16), (4096, 32000, torch.float32)]
-    if quick:
+    if grid == "tiny":
+        return [(32, 500, torch.float32)]
+    if grid == "quick":
         return [(256, 32000, torch.float32)]
     return [(4096, 32000, torch.float32), (4096, 32000, torch.bfloat16), (1024, 151936, torch.float32),
             (1024, 151936, torch.bfloat16)]
 
 
-def cases(device: str, quick: bool) -> List[Case]:
-    out = []
-    for n, v, dt in _shapes(device, quick):
-        g = torch.Generator().manual_seed(0)
-        z = (torch.randn(n, v, generator=g) * 2).to(dt).to(device)
-        y = torch.randint(0, v, (n,), generator=g).to(device)
-        m = (torch.rand(n, generator=g) > 0.1).to(device)
+def _inputs(n: int, v: int, dt, device: str):
+    """Logits drawn on the device in their own dtype (no float32 copy of N x V on the host)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    z = torch.randn(n, v, generator=g, device=device, dtype=dt).mul_(2)
+    y = torch.randint(0, v, (n,), generator=g, device=device)
+    m = torch.rand(n, generator=g, device=device) > 0.1
+    return z, y, m
+
+
+def cases(device: str, grid: str) -> Iterator[Case]:
+    """One forward and one forward + backward case per size, built when their turn comes."""
+    for n, v, dt in _shapes(device, grid):
+        z, y, m = _inputs(n, v, dt, device)
         st = {"z": z, "y": y, "m": m, "mf": m.float(), "z_work": z.clone()}
+        del z, y, m
         size = {"N": n, "V": v, "dtype": str(dt).replace("torch.", "")}
-        logits_bytes = z.numel() * z.element_size()
+        logits_bytes = n * v * st["z"].element_size()
         backend = ops.resolve_backend("token_logprobs", torch.device(device))
-        compiled = torch.compile(_eager, dynamic=False)
+        compiled = [] if grid == "tiny" else [torch.compile(_eager, dynamic=False)]
 
         fwd = [Variant("device copy", lambda s: s["z"].clone(), "ceiling", bytes_moved=2 * logits_bytes),
-               Variant("eager", _fwd(_eager), "peer"),
-               Variant("torch.compile", _fwd(compiled), "peer"),
-               Variant("verl", _fwd(_verl), "peer"),
-               Variant(f"steppo_fast[{backend}]", _fwd(_steppo()))]
-        out.append(Case("token_logprobs fwd", size, st, _oracle(False), bytes_moved=logits_bytes, variants=fwd))
+               Variant("eager", _fwd(_eager), "peer")]
+        fwd += [Variant("torch.compile", _fwd(c), "peer") for c in compiled]
+        fwd += [Variant("verl", _fwd(_verl), "peer", requires=("verl",)),
+                Variant(f"steppo_fast[{backend}]", _fwd(_steppo()))]
+        yield Case("token_logprobs fwd", size, st, _oracle(False), bytes_moved=logits_bytes, variants=fwd)
 
-        both = [Variant("eager", _fwd_bwd(_eager), "peer", required_bytes=logits_bytes),
-                Variant("torch.compile", _fwd_bwd(compiled), "peer", required_bytes=logits_bytes),
-                Variant("verl", _fwd_bwd(_verl), "peer", required_bytes=logits_bytes)]
+        both = [Variant("eager", _fwd_bwd(_eager), "peer", required_bytes=logits_bytes)]
+        both += [Variant("torch.compile", _fwd_bwd(c), "peer", required_bytes=logits_bytes) for c in compiled]
+        both += [Variant("verl", _fwd_bwd(_verl), "peer", required_bytes=logits_bytes, requires=("verl",))]
         if device == "cuda":
-            both.append(Variant("liger (logp only)", _fwd_bwd(_liger_logp, "z_work"), "peer", required_bytes=0))
+            both.append(Variant("liger (logp only)", _fwd_bwd(_liger_logp, "z_work"), "peer", required_bytes=0,
+                                requires=("liger_kernel",)))
         both += [Variant(f"steppo_fast[{backend}]", _fwd_bwd(_steppo()), required_bytes=logits_bytes),
                  # Works on its own copy: the in-place backward turns the logits into the gradient.
                  Variant(f"steppo_fast[{backend}] in-place", _fwd_bwd(_steppo(True), "z_work"), required_bytes=0)]
-        out.append(Case("token_logprobs fwd+bwd", size, st, _oracle(True), bytes_moved=3 * logits_bytes,
-                        variants=both))
-    return out
+        yield Case("token_logprobs fwd+bwd", size, st, _oracle(True), bytes_moved=3 * logits_bytes,
+                   variants=both)
+        del st

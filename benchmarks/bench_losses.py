@@ -12,7 +12,7 @@ written once; from logits: the logits read twice and their gradient written once
 
 from __future__ import annotations
 
-from typing import List
+from typing import Iterator, List
 
 import torch
 
@@ -88,48 +88,53 @@ def _from_logits_oracle(level: str):
     return oracle
 
 
-def _logit_cases(device: str, quick: bool) -> List[Case]:
-    if quick:
-        n_tok, vocab = 1024, 8000
+def _logit_cases(device: str, grid: str) -> Iterator[Case]:
+    if grid == "tiny":
+        n_tok, vocab, per_steps = 64, 500, [16]
+    elif grid == "quick":
+        n_tok, vocab, per_steps = 1024, 8000, [16]
     else:  # the issue's sizes: 16k tokens on a GPU, 4k on the CPU
         n_tok, vocab = (16384, 32000) if device == "cuda" else (4096, 32000)
-    out = []
+        per_steps = [4, 64, 1024]
     for level in ("step", "token"):
-        for per_step in ([16] if quick else [4, 64, 1024]):
-            g = torch.Generator().manual_seed(1)
+        for per_step in per_steps:
+            g = torch.Generator(device=device).manual_seed(1)
+            to = dict(device=device)
             S = n_tok // per_step
-            ts = torch.arange(n_tok) // per_step
-            ts = torch.where(torch.rand(n_tok, generator=g) > 0.05, ts, -1).to(torch.int32)
-            z = torch.randn(S, per_step, vocab, generator=g) * 2
-            y = torch.randint(0, vocab, (S, per_step), generator=g)
+            ts = torch.arange(n_tok, **to) // per_step
+            ts = torch.where(torch.rand(n_tok, generator=g, **to) > 0.05, ts, -1).to(torch.int32)
+            z = torch.randn(S, per_step, vocab, generator=g, **to) * 2
+            y = torch.randint(0, vocab, (S, per_step), generator=g, **to)
             with torch.no_grad():
                 lp = torch.log_softmax(z, -1).gather(-1, y[..., None]).reshape(-1)
-            old = lp + 0.1 * torch.randn(n_tok, generator=g)
-            adv = torch.randn(n_tok, generator=g)
-            to = dict(device=device)
-            st = {"z": z.to(**to), "y": y.to(**to), "ts": ts.to(**to), "old": old.to(**to), "adv": adv.to(**to),
-                  "S": S, "per_step": per_step}
-            logits_bytes = z.numel() * z.element_size()
+            old = lp + 0.1 * torch.randn(n_tok, generator=g, **to)
+            adv = torch.randn(n_tok, generator=g, **to)
+            st = {"z": z, "y": y, "ts": ts, "old": old, "adv": adv, "S": S, "per_step": per_step}
+            del z, lp
+            logits_bytes = st["z"].numel() * st["z"].element_size()
             vs = [Variant("eager", _from_logits("eager", level), "peer", required_bytes=logits_bytes),
                   Variant("verl " + ("gspo" if level == "step" else "vanilla"), _from_logits("verl", level), "peer",
-                          required_bytes=logits_bytes),
+                          required_bytes=logits_bytes, requires=("verl",)),
                   Variant("steppo_fast StepPOLoss", _from_logits("steppo_fast", level), required_bytes=logits_bytes)]
-            out.append(Case(f"StepPOLoss({level}) from logits fwd+bwd",
-                            {"tokens": n_tok, "tokens_per_step": per_step, "V": vocab}, st,
-                            _from_logits_oracle(level), bytes_moved=3 * logits_bytes, variants=vs))
-    return out
+            yield Case(f"StepPOLoss({level}) from logits fwd+bwd",
+                       {"tokens": n_tok, "tokens_per_step": per_step, "V": vocab}, st,
+                       _from_logits_oracle(level), bytes_moved=3 * logits_bytes, variants=vs)
+            del st
 
 
-def cases(device: str, quick: bool) -> List[Case]:
-    return _logp_cases(device, quick) + _logit_cases(device, quick)
+def cases(device: str, grid: str) -> Iterator[Case]:
+    """From log-probs first (the op itself), then from logits; built when their turn comes."""
+    yield from _logp_cases(device, grid)
+    yield from _logit_cases(device, grid)
 
 
-def _logp_cases(device: str, quick: bool) -> List[Case]:
-    n_tok = 4096 if quick else 16384
+def _logp_cases(device: str, grid: str) -> List[Case]:
+    n_tok = {"tiny": 256, "quick": 4096}.get(grid, 16384)
+    per_steps = {"tiny": [16], "quick": [16, 256]}.get(grid, [4, 64, 1024])
     out = []
     for level in ("step", "token"):
         dual = DUAL_CLIP if level == "token" else None
-        for per_step in ([16, 256] if quick else [4, 64, 1024]):
+        for per_step in per_steps:
             g = torch.Generator().manual_seed(0)
             S = max(1, n_tok // per_step)
             ts = torch.arange(n_tok) // per_step
@@ -157,7 +162,8 @@ def _logp_cases(device: str, quick: bool) -> List[Case]:
             backend = ops.resolve_backend("policy_loss", torch.device(device))
             vs = [Variant("eager", run(lambda x, o, a, t, S, _p, lv=level, d=dual: ref.policy_loss(
                       x, o, a, t, S, lv, dual_clip=d)), "peer"),
-                  Variant("verl " + ("gspo" if level == "step" else "vanilla"), run(_verl(level)), "peer"),
+                  Variant("verl " + ("gspo" if level == "step" else "vanilla"), run(_verl(level)), "peer",
+                          requires=("verl",)),
                   Variant(f"steppo_fast[{backend}]", run(lambda x, o, a, t, S, _p, lv=level, d=dual: ops.policy_loss(
                       x, o, a, t, S, lv, dual_clip=d)))]
             out.append(Case(f"policy_loss({level}) fwd+bwd", {"tokens": n_tok, "tokens_per_step": per_step}, st,

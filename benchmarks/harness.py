@@ -5,20 +5,27 @@ the peak memory allocated during one call, and the max error against the fp64
 reference. GPU timings use ``triton.testing.do_bench`` (median); CPU timings use
 ``torch.utils.benchmark`` (median of ``blocked_autorange``). Results go to JSON and
 markdown under ``benchmarks/results/`` with the device, versions, commit and date.
+
+Cases are built one at a time (a bench module's ``cases`` is a generator), so only one case's
+tensors are alive at once, and ``run_cases`` hands the rows to a callback after every case:
+the tables are rewritten after each case, so a run stopped part-way keeps what finished. A
+peer whose package is not installed is reported as skipped without being called.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -34,6 +41,24 @@ class Variant:
     kind: str = "steppo_fast"  # or "peer", or "ceiling" (a bandwidth yardstick such as a device copy)
     bytes_moved: Optional[float] = None  # overrides the case's count (a copy moves read + write bytes)
     required_bytes: Optional[float] = None  # outputs it must allocate (a gradient): extra_MiB = peak - this
+    requires: Tuple[str, ...] = ()  # packages it imports (a peer's): skipped when one is not installed
+
+
+def missing_packages(names: Iterable[str], without: Iterable[str] = ()) -> List[str]:
+    """The names among ``names`` that cannot be imported (checked without importing them) or
+    that ``without`` leaves out."""
+    out = []
+    for n in names:
+        if n in without:
+            out.append(n)
+            continue
+        try:
+            found = importlib.util.find_spec(n) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            out.append(n)
+    return out
 
 
 @dataclass
@@ -75,10 +100,13 @@ def max_error(out: Outputs, ref: Outputs, chunk: int = 1 << 24) -> float:
 
 
 def time_median_ms(fn: Callable[[], Any], device: str, min_run_time: float = 0.5) -> float:
+    """Median ms of one call: do_bench on CUDA (warm-up and repeats in ms: 25/100, shorter for
+    min_run_time < 0.1), torch.utils.benchmark's blocked_autorange on the CPU."""
     if device == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        warmup, rep = (25, 100) if min_run_time >= 0.1 else (5, 10)
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
     import torch.utils.benchmark as tb
 
     fn()  # warm-up (compilation, caches)
@@ -150,9 +178,11 @@ def environment(device: str) -> Dict[str, str]:
         env["triton"] = "not installed"
     try:
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       timeout=10, cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+                                       timeout=10, cwd=os.path.dirname(__file__)).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        env["commit"] = "unknown"
+        env["commit"] = ""
+    # A copy of the sources without git history (a device machine) can name its commit.
+    env["commit"] = env["commit"] or os.environ.get("STEPPO_FAST_COMMIT", "") or "unknown"
     if device == "cpu":
         try:
             with open("/proc/cpuinfo") as f:
@@ -165,26 +195,47 @@ def environment(device: str) -> Dict[str, str]:
     return env
 
 
-def run_cases(cases: List[Case], device: str, quick: bool, progress: bool = True) -> List[Dict[str, Any]]:
-    """Times every variant of every case; returns one row per (case, variant)."""
+def run_cases(cases: Iterable[Case], device: str, min_run_time: float = 1.0, progress: bool = True,
+              on_case: Optional[Callable[[List[Dict[str, Any]]], None]] = None,
+              without: Iterable[str] = ()) -> List[Dict[str, Any]]:
+    """Times every variant of every case; returns one row per (case, variant).
+
+    ``cases`` may be a generator: each case is built when its turn comes and dropped after it.
+    min_run_time: seconds of timed calls per variant on the CPU (under 0.1: short runs on CUDA too).
+    ``on_case(rows)`` is called with all rows so far after every case (to rewrite the tables).
+    ``without``: packages whose peers are skipped as if they were not installed.
+    """
+    without = tuple(without)
     from tqdm.auto import tqdm
 
-    rows = []
-    total = sum(len(c.variants) for c in cases)
-    bar = tqdm(total=total, desc="bench", disable=not progress, leave=False)
+    rows: List[Dict[str, Any]] = []
+    bar = tqdm(desc="bench", unit="variant", disable=not progress, leave=False)
     for case in cases:
-        ref_out = case.reference64(case.state)
+        try:
+            ref_out, ref_error = case.reference64(case.state), None
+        except Exception as exc:  # the timings still count; the error column says why it is empty
+            ref_out, ref_error = None, _short(exc)
         eager_ms = None
         for v in case.variants:
             bar.set_postfix_str(f"{case.op} {v.name}")
             row = {"op": case.op, **{f"size.{k}": val for k, val in case.size.items()}, "variant": v.name,
                    "kind": v.kind}
+            missing = missing_packages(v.requires, without)
+            if missing:
+                row["skipped"] = f"{', '.join(missing)} " + ("left out" if set(missing) <= set(without)
+                                                             else "not installed")
+                rows.append(row)
+                bar.update(1)
+                continue
             try:
                 out = v.fn(case.state)
                 if v.kind != "ceiling":
-                    row["max_abs_err"] = max_error(out, ref_out)
+                    if ref_out is not None:
+                        row["max_abs_err"] = max_error(out, ref_out)
+                    else:
+                        row["ref_error"] = ref_error
                 del out
-                ms = time_median_ms(lambda: v.fn(case.state), device, 0.2 if quick else 1.0)
+                ms = time_median_ms(lambda: v.fn(case.state), device, min_run_time)
                 row["median_ms"] = ms
                 moved = v.bytes_moved if v.bytes_moved is not None else case.bytes_moved
                 if moved:
@@ -199,11 +250,21 @@ def run_cases(cases: List[Case], device: str, quick: bool, progress: bool = True
                     eager_ms = ms
                 row["speedup_vs_eager"] = (eager_ms / ms) if eager_ms else None
             except Exception as exc:  # a peer that cannot run this case is reported, not hidden
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+                row["error"] = _short(exc)
             rows.append(row)
             bar.update(1)
+        ref_out = case = None  # free this case's tensors before the next one is built
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        if on_case is not None:
+            on_case(rows)
     bar.close()
     return rows
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:120] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
 
 
 def _fmt(v) -> str:
@@ -232,14 +293,41 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, device: str, rows: List[Dict[str, Any]], out_dir: str, note: str = "") -> str:
-    """Writes ``<name>_<device>.json`` and ``.md`` under out_dir; returns the markdown."""
+def prepare_out_dir(path: Optional[str]) -> str:
+    """Checks that results can be written under ``path`` before any benchmark runs: creates the
+    folder and writes (then removes) a probe file. Raises ValueError naming the problem."""
+    if path is None or not str(path).strip():
+        raise ValueError("the results folder is empty: give --out a folder name")
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"the results folder {path} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"cannot write results under {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Writes through a temporary file and a rename, so a reader never sees half a table."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_results(name: str, device: str, rows: List[Dict[str, Any]], out_dir: str, note: str = "",
+                  env: Optional[Dict[str, str]] = None) -> str:
+    """Writes ``<name>_<device>.json`` and ``.md`` under out_dir; returns the markdown.
+    ``env``: the environment block (computed once per run; default: now)."""
     os.makedirs(out_dir, exist_ok=True)
-    env = environment(device)
-    with open(os.path.join(out_dir, f"{name}_{device}.json"), "w") as f:
-        json.dump({"environment": env, "rows": rows}, f, indent=1, default=str)
+    env = env if env is not None else environment(device)
+    _write_atomic(os.path.join(out_dir, f"{name}_{device}.json"),
+                  json.dumps({"environment": env, "rows": rows}, indent=1, default=str))
     header = " · ".join(f"{k}: {v}" for k, v in env.items())
     md = f"# {name} on {device}\n\n{header}\n\n{note}\n\n{markdown_table(rows)}\n"
-    with open(os.path.join(out_dir, f"{name}_{device}.md"), "w") as f:
-        f.write(md)
+    _write_atomic(os.path.join(out_dir, f"{name}_{device}.md"), md)
     return md

@@ -13,7 +13,12 @@ def _cmd_bench(args) -> int:
 
     if not args.verbose_fallbacks:
         warnings.filterwarnings("ignore", message=r"steppo_fast::.*using the PyTorch reference")
-    run.main(args.op, args.device, args.quick, args.out, progress=not args.no_progress)
+    if args.quick and args.grid not in (None, "quick"):
+        print(f"steppo-fast bench: --quick and --grid {args.grid} disagree; give one of them", file=sys.stderr)
+        return 2
+    grid = args.grid or ("quick" if args.quick else "full")
+    without = [w.strip() for w in (args.without or "").split(",") if w.strip()]
+    run.main(args.op, args.device, grid, args.out, progress=not args.no_progress, without=without)
     return 0
 
 
@@ -161,8 +166,14 @@ def main(argv=None) -> int:
     b.add_argument("--op", default=None,
                    help="one benchmark: advantages, linear_head, logprob or losses (default: all)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    b.add_argument("--quick", action="store_true", help="small sizes, short timing runs")
-    b.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
+    b.add_argument("--quick", action="store_true", help="small sizes, short timing runs (--grid quick)")
+    b.add_argument("--grid", default=None, choices=["tiny", "quick", "full"],
+                   help="sizes: full (default), quick, or tiny (smoke-test sizes, no compiled peers)")
+    b.add_argument("--out", default=None,
+                   help="results folder, checked before anything runs (default: benchmarks/results of the "
+                        "source checkout, or ./benchmarks/results)")
+    b.add_argument("--without", default=None, metavar="PKG[,PKG]",
+                   help="peer packages to leave out as if not installed (e.g. verl,liger_kernel)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--verbose-fallbacks", action="store_true", help="show reference-fallback warnings")
     b.set_defaults(fn=_cmd_bench)
