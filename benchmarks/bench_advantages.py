@@ -19,7 +19,7 @@ import torch
 from steppo_fast import StepLayout, advantages, ops
 from steppo_fast import reference as ref
 
-from .harness import Case, Variant
+from .harness import Case, Variant, missing_packages
 
 
 def make_layout(num_steps: int, tokens: tuple, steps_per_traj: tuple, group: int, device: str, seed: int = 0):
@@ -32,13 +32,14 @@ def make_layout(num_steps: int, tokens: tuple, steps_per_traj: tuple, group: int
     B = traj.numel()
     T = tokens[1]
     n_tok = torch.randint(tokens[0], tokens[1] + 1, (B,), generator=g)
-    mask = torch.arange(T)[None, :] < n_tok[:, None]
     perm = torch.randperm(B, generator=g)
-    mask, traj, step = mask[perm], traj[perm], step[perm]
-    grp = traj // group
-    lay = StepLayout.from_step_rows(mask.to(device), traj.to(device), step.to(device), grp.to(device))
-    rew = (torch.randn(B, T, generator=g) * mask).to(device)
-    vals = torch.randn(B, T, generator=g).to(device)
+    n_tok, traj, step = n_tok[perm].to(device), traj[perm].to(device), step[perm].to(device)
+    # The (B, T) tensors are drawn on the device (1M steps: 2 x 1 GB of float32).
+    mask = torch.arange(T, device=device)[None, :] < n_tok[:, None]
+    lay = StepLayout.from_step_rows(mask, traj, step, traj // group)
+    gd = torch.Generator(device=device).manual_seed(seed)
+    rew = torch.randn(B, T, generator=gd, device=device) * mask
+    vals = torch.randn(B, T, generator=gd, device=device)
     return lay, rew, vals
 
 
@@ -58,21 +59,25 @@ def make_packed(num_steps: int, tokens: tuple, steps_per_traj: tuple, group: int
     step_k = torch.arange(S) - torch.repeat_interleave(ks.cumsum(0) - ks, ks)
     n_tok = torch.randint(tokens[0], tokens[1] + 1, (S,), generator=g)
     n_obs = torch.randint(obs[0], obs[1] + 1, (S,), generator=g)
-    # Segments (observation, then the step's tokens), laid out row after row.
-    seg_val = torch.stack([torch.full((S,), -1), step_k], 1).reshape(-1)
+    # Segments (observation, then the step's tokens), laid out row after row; the per-token
+    # tensors are built on the device.
+    seg_val = torch.stack([torch.full((S,), -1), step_k], 1).reshape(-1).to(device)
     seg_len = torch.stack([n_obs, n_tok], 1).reshape(-1)
     seg_row = torch.repeat_interleave(torch.repeat_interleave(torch.arange(R), ks), 2)
     row_len = torch.zeros(R, dtype=torch.int64).index_add_(0, seg_row, seg_len)
     T = int(row_len.max())
+    seg_row, seg_len, row_len = seg_row.to(device), seg_len.to(device), row_len.to(device)
     flat_row = torch.repeat_interleave(seg_row, seg_len)
-    pos = torch.arange(flat_row.numel()) - torch.repeat_interleave(row_len.cumsum(0) - row_len, row_len)
-    sid = torch.full((R, T), -1, dtype=torch.int64)
+    pos = torch.arange(flat_row.numel(), device=device) - torch.repeat_interleave(row_len.cumsum(0) - row_len, row_len)
+    sid = torch.full((R, T), -1, dtype=torch.int64, device=device)
     sid[flat_row, pos] = torch.repeat_interleave(seg_val, seg_len)
+    del flat_row, pos
     mask = sid >= 0
-    lay = StepLayout.from_packed(sid.to(device), (torch.arange(R) // group).to(device), num_steps=ks.to(device))
-    rew = (torch.randn(R, T, generator=g) * mask).to(device)
-    vals = torch.randn(R, T, generator=g).to(device)
-    return lay, rew, vals, mask.to(device)
+    lay = StepLayout.from_packed(sid, (torch.arange(R) // group).to(device), num_steps=ks.to(device))
+    gd = torch.Generator(device=device).manual_seed(seed)
+    rew = torch.randn(R, T, generator=gd, device=device) * mask
+    vals = torch.randn(R, T, generator=gd, device=device)
+    return lay, rew, vals, mask
 
 
 def _compiled(fn):
@@ -118,7 +123,8 @@ def _cases_of_size(S: int, tok: tuple, device: str, compiled_peer: bool) -> List
     st2 = {"lay": lay, "r": r_s, "v": v_s}
     gae_bytes = lay.num_steps * 4 * 4
     vs = [Variant("eager", lambda s: ref.step_gae(s["r"], s["v"], s["lay"].traj_step_offsets, 0.99, 0.95), "peer"),
-          Variant(f"steppo_fast[{ops.resolve_backend('step_gae', torch.device(device))}]", lambda s: ops.step_gae(s["r"], s["v"], s["lay"].traj_step_offsets, 0.99, 0.95))]
+          Variant(f"steppo_fast[{ops.resolve_backend('step_gae', torch.device(device))}]",
+                  lambda s: ops.step_gae(s["r"], s["v"], s["lay"].traj_step_offsets, 0.99, 0.95))]
     out.append(Case("step_gae", size, st2,
                     lambda s: ref.step_gae(s["r"].double(), s["v"].double(), s["lay"].traj_step_offsets, 0.99,
                                            0.95), bytes_moved=gae_bytes, variants=vs))
@@ -273,14 +279,17 @@ def _outcome_cases(num_rows: int, tok: tuple, device: str) -> List[Case]:
     """
     g = torch.Generator().manual_seed(1)
     T = tok[1]
-    n_tok = torch.randint(tok[0], T + 1, (num_rows,), generator=g)
-    mask2d = torch.arange(T)[None, :] < n_tok[:, None]
-    rew2d = torch.zeros(num_rows, T)
-    rew2d[torch.arange(num_rows), n_tok - 1] = torch.randn(num_rows, generator=g)  # outcome reward on the last token
+    n_tok = torch.randint(tok[0], T + 1, (num_rows,), generator=g).to(device)
+    mask2d = torch.arange(T, device=device)[None, :] < n_tok[:, None]
+    rew2d = torch.zeros(num_rows, T, device=device)
+    # The outcome reward on each row's last token.
+    rew2d[torch.arange(num_rows, device=device), n_tok - 1] = torch.randn(num_rows, generator=g).to(device)
     grp = torch.arange(num_rows) // 8
-    lay = StepLayout.from_step_rows(mask2d.to(device), torch.arange(num_rows, device=device),
+    lay = StepLayout.from_step_rows(mask2d, torch.arange(num_rows, device=device),
                                     torch.zeros(num_rows, dtype=torch.long, device=device), grp.to(device))
-    st = {"lay": lay, "rew2d": rew2d.to(device), "mask2d": mask2d.to(device), "uid": [str(int(i)) for i in grp]}
+    # verl's group ids are strings, one per row (a second for 1M rows): built only for its rows.
+    uid = [str(int(i)) for i in grp] if not missing_packages(["verl"]) else None
+    st = {"lay": lay, "rew2d": rew2d, "mask2d": mask2d, "uid": uid}
     size = {"steps": num_rows, "tokens": int(mask2d.sum())}
     moved = num_rows * T * (4 + 1 + 4)
     out = []
