@@ -38,20 +38,26 @@ under ``.cache/`` (ignored by git), which call 1 returns as ``cache.tar.gz`` for
 
 What comes back under ``$OUT`` (at most 7 files, none in a subfolder):
 ``callN_summary.md`` (each stage's status and time, test counts, failures), ``callN.tar.gz``
-(every log, table and JSON file of the call), ``cache.tar.gz`` (the caches, at most 15.5 MiB),
-and ``probe.md`` (call 1) or the four ``<op>_full_cuda.md`` tables (call 2). Both are rewritten
-after every stage, so a call stopped by its own timeout still returns what finished.
+(every log, table and JSON file of the call), ``cache.tar.gz`` (the caches, under 15.5 MiB),
+and ``probe.md`` (call 1) or the four ``<op>_full_cuda.md`` tables (call 2). The summary and
+the call's tarball are rewritten after every stage, so a call stopped by its timeout still
+returns what finished. The cache keeps the built modules, then Triton's kernels newest first
+(the probe's and the trainer's: the ops at the benchmarks' sizes), then Inductor's, up to
+40 MiB unpacked (a call carries 64 MiB with the working tree).
 
-The device calls (``run`` takes the command, ``timeout_s`` and ``carry``)::
+On a lent machine that runs one command per call under a wall-clock limit, returns the files
+written under ``$OUT`` and can send ignored folders of the checkout along:
 
-    call 1:  command  python3 benchmarks/gpu_check.py --call 1 --out "$OUT"
-             timeout_s 330
-    here:    rm -rf .cache && mkdir .cache && tar -xzf <files_at of call 1>/cache.tar.gz -C .cache
-    call 2:  command  python3 benchmarks/gpu_check.py --call 2 --out "$OUT"
-             timeout_s 390, carry [".cache"]
+    call 1:  python3 benchmarks/gpu_check.py --call 1 --out "$OUT"
+             limit 330 s
+    between: rm -rf .cache && mkdir .cache && tar -xzf <call 1's returned files>/cache.tar.gz -C .cache
+    call 2:  python3 benchmarks/gpu_check.py --call 2 --out "$OUT"
+             limit 390 s, sending .cache along
 
-then give the machine back. Prefix a command with ``STEPPO_FAST_COMMIT=<hash>`` to stamp the
-tables with the commit (the device receives no git history).
+then hand the machine back. With less time left, give ``--budget N`` and a limit of N + 30 s: the
+stages at the end of the call get less time first. Prefix a command with
+``STEPPO_FAST_COMMIT=<hash>`` to stamp the tables with the commit (the machine receives no git
+history).
 
 ``--dry-run`` runs the same stages on the CPU with tiny sizes and ``TRITON_INTERPRET=1``
 (no nvcc build: the compiled modules are only checked; the tests are only collected), so a
@@ -83,6 +89,7 @@ FINAL_RESERVE = 15.0  # seconds kept for the last packing and the summary
 MIN_STAGE = 5.0  # a stage is skipped when less than this is left for it
 DRY_LIMIT_FACTOR = 3.0  # the dry run's limits only guard against hangs on a slow CPU
 CACHE_LIMIT = int(15.5 * 2 ** 20)  # one file under $OUT may hold 16 MiB
+RAW_CACHE_LIMIT = 40 * 2 ** 20  # a call carries at most 64 MiB with the working tree
 GPU_TEST_FILES = ["tests/test_advantages.py", "tests/test_ops.py", "tests/test_logprob.py",
                   "tests/test_linear_head.py", "tests/test_losses.py", "tests/test_cuda_graph.py",
                   "tests/test_compile.py"]
@@ -244,21 +251,51 @@ def _tar(src_dir: str, arcname: str, dest: str, skip=lambda path: False) -> int:
     return os.path.getsize(dest)
 
 
-def pack_cache(cache: str, out: str) -> str:
-    """cache.tar.gz of the build, Triton and Inductor caches, dropping Inductor's and then Triton's
-    cache when the file would pass CACHE_LIMIT. Returns what it holds."""
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for root, _, names in os.walk(path):
+        for n in names:
+            try:
+                total += os.path.getsize(os.path.join(root, n))
+            except OSError:
+                pass
+    return total
+
+
+def pack_cache(cache: str, out: str, raw_limit: int = RAW_CACHE_LIMIT) -> str:
+    """cache.tar.gz of the caches call 2 carries: the built modules, then Triton's kernels newest
+    first (the probe's and the trainer's, the ops at the benchmarks' sizes), then Inductor's,
+    while their size stays under ``raw_limit`` (what a carry may hold) and the file under
+    CACHE_LIMIT (what may come back). Returns what it holds."""
     dest = os.path.join(out, "cache.tar.gz")
-    kept = [d for d in ("build", "triton", "inductor") if os.path.isdir(os.path.join(cache, d))]
+    entries = []  # (archive name, path) in the order of priority
+    for sub in ("build", "triton", "inductor"):
+        base = os.path.join(cache, sub)
+        if not os.path.isdir(base):
+            continue
+        kids = [os.path.join(base, k) for k in os.listdir(base)]
+        kids.sort(key=lambda k: os.path.getmtime(k), reverse=True)
+        entries += [(f"{sub}/{os.path.basename(k)}", k) for k in kids]
     while True:
+        chosen, used, left_out = [], 0, 0
+        for arc, path in entries:
+            size = _tree_bytes(path) if os.path.isdir(path) else os.path.getsize(path)
+            if used + size <= raw_limit or arc.startswith("build/"):
+                chosen.append((arc, path))
+                used += size
+            else:
+                left_out += 1
         tmp = dest + ".part"
         with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
-            for d in kept:
-                tar.add(os.path.join(cache, d), arcname=d)
+            for arc, path in chosen:
+                tar.add(path, arcname=arc)
         size = os.path.getsize(tmp)
-        if size <= CACHE_LIMIT or not kept or kept == ["build"]:
+        if size <= CACHE_LIMIT or raw_limit < 2 ** 20:
             os.replace(tmp, dest)
-            return f"{', '.join(kept) or 'nothing'} ({size / 2 ** 20:.1f} MiB)"
-        kept = [d for d in kept if d != ("inductor" if "inductor" in kept else "triton")]
+            kinds = sorted({arc.split("/")[0] for arc, _ in chosen})
+            note = f"{', '.join(kinds) or 'nothing'}: {used / 2 ** 20:.1f} MiB, {size / 2 ** 20:.1f} MiB packed"
+            return note + (f", {left_out} entries left out" if left_out else "")
+        raw_limit //= 2
 
 
 def write_summary(call: int, dry: bool, stages: List[Stage], work: str, out: str, t_start: float,
@@ -356,8 +393,8 @@ def run_call(call: int, out: str, cache: str, dry: bool, budget: float) -> int:
     return 0 if all(st.result.get("status") == "ok" for st in stages) else 1
 
 
-# ----------------------------------------------------------------------------- stage helpers
-def helper_env() -> int:
+# ----------------------------------------------------------------------------- the env and build stages
+def report_machine() -> int:
     """What the machine is: GPU, driver, versions, installed peers."""
     print(f"python {sys.version.split()[0]} at {sys.executable}; {os.cpu_count()} CPUs")
     for cmd in (["nvidia-smi", "--query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,driver_version",
@@ -412,7 +449,7 @@ if torch.cuda.is_available():
 """
 
 
-def helper_build(cache: str, dry: bool) -> int:
+def build_or_restore(cache: str, dry: bool) -> int:
     """Restores the compiled modules from the cache when the sources are unchanged, else builds
     them (nvcc for sm_90 only, the two modules at once) and stores them there; then imports them.
     The dry run builds nothing: it checks the modules in place and records a manifest."""
@@ -458,13 +495,13 @@ def helper_build(cache: str, dry: bool) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_env":
-        return helper_env()
+        return report_machine()
     if argv and argv[0] == "_build":
         p = argparse.ArgumentParser(prog="gpu_check.py _build")
         p.add_argument("--cache", required=True)
         p.add_argument("--dry-run", action="store_true")
         a = p.parse_args(argv[1:])
-        return helper_build(a.cache, a.dry_run)
+        return build_or_restore(a.cache, a.dry_run)
     p = argparse.ArgumentParser(description="The two-call device check of steppo_fast (see the module docstring).")
     p.add_argument("--call", type=int, choices=[1, 2], required=True)
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder whose files come back ($OUT)")

@@ -17,7 +17,7 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def _returned_files(out):
-    """What the device tool would bring back from $OUT: at most 8 files, 16 MiB each, no more
+    """What a device call brings back from $OUT: at most 8 files, 16 MiB each, no more
     than 2 folders down, names of letters, digits, '.', '_' and '-'."""
     files = []
     for root, _, names in os.walk(out):
@@ -113,16 +113,16 @@ def test_missing_outputs_fail_a_stage(tmp_path, monkeypatch):
     assert stages[0].result["missing"] == ["promised.txt"]
 
 
-def test_device_commands_fit_the_tool():
+def test_device_commands_fit_their_limits():
     """The command lines written in the script's header: each under 2,000 characters, and the
-    timeouts of the calls above their budgets (so the script, not the tool, ends each call)."""
+    limits of the calls above their budgets (so the script, not the limit, ends each call)."""
     doc = gpu_check.__doc__
-    commands = re.findall(r"command\s+(python3 .+)", doc)
+    commands = re.findall(r"call \d:\s+(python3 .+)", doc)
     assert len(commands) == 2 and all(len(c) < 2000 for c in commands)
-    timeouts = [int(t) for t in re.findall(r"timeout_s (\d+)", doc)]
-    assert timeouts[0] > gpu_check.BUDGET[1] and timeouts[1] > gpu_check.BUDGET[2]
-    assert timeouts[0] + timeouts[1] <= 15 * 60 - 120  # two machine starts of about a minute each
-    assert 'carry [".cache"]' in doc
+    limits = [int(t) for t in re.findall(r"limit (\d+) s", doc)]
+    assert limits[0] > gpu_check.BUDGET[1] and limits[1] > gpu_check.BUDGET[2]
+    assert limits[0] + limits[1] <= 15 * 60 - 120  # two machine starts of about a minute each
+    assert "sending .cache along" in doc
 
 
 @pytest.mark.parametrize("call", [1, 2])
@@ -132,3 +132,19 @@ def test_planned_limits_fit_the_budget(call, tmp_path):
     assert expected <= gpu_check.BUDGET[call]
     for i, s in enumerate(stages):
         assert s.reserve <= s.limit and s.expect <= s.limit, s.name
+
+
+def test_cache_keeps_the_build_then_the_newest_kernels_within_its_limit(tmp_path):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    out.mkdir()
+    for i, (rel, size) in enumerate([("build/manifest.json", 100), ("triton/old/k.cubin", 3000),
+                                     ("triton/new/k.cubin", 3000), ("inductor/fxgraph/g", 3000)]):
+        path = cache / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(size))
+        os.utime(path.parent if "/" in rel.split("/", 1)[1] else path, (1000 + i, 1000 + i))
+    note = gpu_check.pack_cache(str(cache), str(out), raw_limit=5000)
+    with tarfile.open(out / "cache.tar.gz") as tar:
+        files = sorted(n for n in tar.getnames() if tar.getmember(n).isfile())
+    assert files == ["build/manifest.json", "triton/new/k.cubin"], files
+    assert "2 entries left out" in note
