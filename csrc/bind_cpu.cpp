@@ -1,6 +1,7 @@
 // pybind11 module steppo_fast._C: the C++ CPU kernels. Arguments are raw data
-// pointers (as integers), sizes and dtype codes; steppo_fast/_native.py checks
-// every tensor before it calls in.
+// pointers (as integers), sizes and dtype codes; the registry (steppo_fast/ops) checks
+// every tensor's dtype, device and size before it calls in, and the kernels check every
+// index and offset they read against those sizes (a bad one raises ValueError).
 #include <pybind11/pybind11.h>
 
 #ifdef _OPENMP
@@ -26,19 +27,21 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "steppo_fast C++ CPU kernels";
   m.def("max_threads", &max_threads, "Threads the OpenMP loops may use (1 without OpenMP).");
   m.def("step_rewards_cpu", &steppo::step_rewards_cpu, py::arg("rewards"), py::arg("rewards_dtype"),
-        py::arg("step_tokens"), py::arg("step_token_offsets"), py::arg("num_steps"), py::arg("out"),
+        py::arg("n_rewards"), py::arg("step_tokens"), py::arg("n_step_tokens"), py::arg("step_token_offsets"),
+        py::arg("num_steps"), py::arg("out"),
         py::arg("out_dtype"), py::call_guard<py::gil_scoped_release>(),
         "Per-step sum of token rewards over a CSR token list (SPEC section 3).");
   m.def("broadcast_to_tokens_cpu", &steppo::broadcast_to_tokens_cpu, py::arg("step_values"),
-        py::arg("values_dtype"), py::arg("token_step"), py::arg("n"), py::arg("out"), py::arg("out_dtype"),
+        py::arg("values_dtype"), py::arg("num_values"), py::arg("token_step"), py::arg("n"), py::arg("out"),
+        py::arg("out_dtype"),
         py::call_guard<py::gil_scoped_release>(), "out[t] = step_values[token_step[t]], 0 off-step (SPEC 4).");
   m.def("step_gae_cpu", &steppo::step_gae_cpu, py::arg("rewards"), py::arg("rewards_dtype"), py::arg("values"),
-        py::arg("values_dtype"), py::arg("traj_step_offsets"), py::arg("num_trajectories"), py::arg("gamma"),
+        py::arg("values_dtype"), py::arg("num_steps"), py::arg("traj_step_offsets"), py::arg("num_trajectories"), py::arg("gamma"),
         py::arg("lam"), py::arg("adv"), py::arg("ret"), py::arg("out_dtype"), py::call_guard<py::gil_scoped_release>(),
         "Step-level GAE per trajectory (SPEC 4).");
   m.def("token_gae_cpu", &steppo::token_gae_cpu, py::arg("rewards"), py::arg("rewards_dtype"), py::arg("values"),
-        py::arg("values_dtype"), py::arg("n_tokens"), py::arg("step_tokens"), py::arg("step_token_offsets"),
-        py::arg("traj_step_offsets"), py::arg("num_trajectories"), py::arg("gamma"), py::arg("lam"), py::arg("adv"),
+        py::arg("values_dtype"), py::arg("n_tokens"), py::arg("step_tokens"), py::arg("n_step_tokens"),
+        py::arg("step_token_offsets"), py::arg("num_steps"), py::arg("traj_step_offsets"), py::arg("num_trajectories"), py::arg("gamma"), py::arg("lam"), py::arg("adv"),
         py::arg("ret"), py::arg("out_dtype"), py::call_guard<py::gil_scoped_release>(),
         "Token-level GAE across the steps of each trajectory (SPEC 5).");
   m.def("whiten_moments_cpu", &steppo::whiten_moments_cpu, py::arg("x"), py::arg("x_dtype"), py::arg("mask"),

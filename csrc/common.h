@@ -34,6 +34,40 @@ inline const char* dtype_name(int code) {
                               dtype_name(code) + ")");
 }
 
+// ---------------------------------------------------------------- index checks
+// Every kernel checks each index and offset it reads against the sizes it is given, and never
+// reads or writes outside them, whatever the caller passes. A bad one is reported as
+// std::invalid_argument (ValueError in Python) naming the argument and the first bad position.
+// Inside a parallel loop the bad entry is skipped, its position collected by a min-reduction,
+// and the error thrown after the loop (an exception must not leave an OpenMP region).
+
+// True when 0 <= i < size, in one unsigned comparison.
+inline bool in_range(int64_t i, int64_t size) { return static_cast<uint64_t>(i) < static_cast<uint64_t>(size); }
+
+[[noreturn]] inline void bad_index(const char* name, int64_t pos, int64_t value, const std::string& what) {
+  throw std::invalid_argument(std::string(name) + "[" + std::to_string(pos) + "] = " + std::to_string(value) +
+                              " " + what);
+}
+
+// CSR offsets off[0..count] over an array of `total` entries: off[0] == 0 and off[count] == total
+// (the O(1) part; each pair off[i] <= off[i+1] is checked where it is read, see pair_ok).
+inline void check_csr_ends(const char* name, const int64_t* off, int64_t count, int64_t total, const char* of_what) {
+  if (count < 0) throw std::invalid_argument(std::string(name) + " must hold at least one offset");
+  if (off[0] != 0) bad_index(name, 0, off[0], "must be 0 (CSR offsets start at 0)");
+  if (off[count] != total)
+    bad_index(name, count, off[count],
+              "must equal the number of " + std::string(of_what) + " (" + std::to_string(total) + ")");
+}
+
+// One pair of CSR offsets: 0 <= begin <= end <= total.
+inline bool pair_ok(int64_t begin, int64_t end, int64_t total) { return 0 <= begin && begin <= end && end <= total; }
+
+[[noreturn]] inline void bad_pair(const char* name, int64_t pos, const int64_t* off, int64_t total) {
+  throw std::invalid_argument(std::string(name) + " must be non-decreasing offsets in [0, " + std::to_string(total) +
+                              "], got " + name + "[" + std::to_string(pos) + "] = " + std::to_string(off[pos]) +
+                              " and " + name + "[" + std::to_string(pos + 1) + "] = " + std::to_string(off[pos + 1]));
+}
+
 // bfloat16 / float16 bit patterns to float on the host.
 inline float bf16_to_float(uint16_t h) {
   uint32_t bits = static_cast<uint32_t>(h) << 16;

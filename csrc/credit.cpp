@@ -76,13 +76,15 @@ void with_out(int code, F&& f) {
 
 // The GAE recurrence, backwards over positions begin..end-1 of one trajectory; element idx(i) holds
 // position i's reward and value. delta = r + gamma V_next - V (V past the end = 0);
-// A = delta + gamma lam A_next; R = A + V.
+// A = delta + gamma lam A_next; R = A + V. Elements outside [0, size) are never touched: the sweep
+// stops at the first one and returns its position (else -1).
 template <typename R, typename V, typename O, typename Index>
-void gae_sweep(int64_t begin, int64_t end, Index idx, const void* r, const void* v, double gamma, double lam,
-               void* adv, void* ret) {
+int64_t gae_sweep(int64_t begin, int64_t end, Index idx, int64_t size, const void* r, const void* v, double gamma,
+                  double lam, void* adv, void* ret) {
   double next_v = 0.0, next_a = 0.0;
   for (int64_t i = end - 1; i >= begin; --i) {
     const int64_t e = idx(i);
+    if (!in_range(e, size)) return i;
     const double ve = V::at(v, e);
     const double ae = R::at(r, e) + gamma * next_v - ve + gamma * lam * next_a;
     O::set(adv, e, ae);
@@ -90,6 +92,7 @@ void gae_sweep(int64_t begin, int64_t end, Index idx, const void* r, const void*
     next_v = ve;
     next_a = ae;
   }
+  return -1;
 }
 
 // Runs body(I{}, O{}) with the input and output dtypes fixed.
@@ -112,21 +115,29 @@ constexpr int64_t kBlock = 4096;
 
 }  // namespace
 
-void broadcast_to_tokens_cpu(uintptr_t step_values, int values_dtype, uintptr_t token_step, int64_t n,
-                             uintptr_t out, int out_dtype) {
+void broadcast_to_tokens_cpu(uintptr_t step_values, int values_dtype, int64_t num_values, uintptr_t token_step,
+                             int64_t n, uintptr_t out, int out_dtype) {
   const void* v = reinterpret_cast<const void*>(step_values);
   const int32_t* ts = reinterpret_cast<const int32_t*>(token_step);
   void* o = reinterpret_cast<void*>(out);
   advise_out(o, n, out_dtype);
+  int64_t first_bad = n;
   with_in_out("step_values", values_dtype, out_dtype, [&](auto it, auto ot) {
     using I = decltype(it);
     using O = decltype(ot);
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < n; ++t) O::set(o, t, ts[t] >= 0 ? I::at(v, ts[t]) : 0.0);
+#pragma omp parallel for schedule(static) reduction(min : first_bad)
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t s = ts[t];
+      if (s >= num_values) first_bad = std::min(first_bad, t);
+      O::set(o, t, in_range(s, num_values) ? I::at(v, s) : 0.0);
+    }
   });
+  if (first_bad < n)
+    bad_index("token_step", first_bad, ts[first_bad],
+              "is not below the number of step values (" + std::to_string(num_values) + ")");
 }
 
-void step_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int values_dtype,
+void step_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int values_dtype, int64_t num_steps,
                   uintptr_t traj_step_offsets, int64_t num_trajectories, double gamma, double lam, uintptr_t adv,
                   uintptr_t ret, int out_dtype) {
   const void* r = reinterpret_cast<const void*>(rewards);
@@ -134,19 +145,28 @@ void step_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int va
   const int64_t* off = reinterpret_cast<const int64_t*>(traj_step_offsets);
   void* a = reinterpret_cast<void*>(adv);
   void* R = reinterpret_cast<void*>(ret);
+  check_csr_ends("traj_step_offsets", off, num_trajectories, num_steps, "steps");
+  int64_t bad_traj = num_trajectories;
   with_gae_types("step_rewards", rewards_dtype, "step_values", values_dtype, out_dtype, [&](auto rt, auto vt, auto ot) {
     using RT = decltype(rt);
     using VT = decltype(vt);
     using OT = decltype(ot);
-#pragma omp parallel for schedule(dynamic, 64)
-    for (int64_t j = 0; j < num_trajectories; ++j)
-      gae_sweep<RT, VT, OT>(off[j], off[j + 1], [](int64_t i) { return i; }, r, v, gamma, lam, a, R);
+#pragma omp parallel for schedule(dynamic, 64) reduction(min : bad_traj)
+    for (int64_t j = 0; j < num_trajectories; ++j) {
+      if (!pair_ok(off[j], off[j + 1], num_steps)) {
+        bad_traj = std::min(bad_traj, j);
+        continue;
+      }
+      gae_sweep<RT, VT, OT>(off[j], off[j + 1], [](int64_t i) { return i; }, num_steps, r, v, gamma, lam, a, R);
+    }
   });
+  if (bad_traj < num_trajectories) bad_pair("traj_step_offsets", bad_traj, off, num_steps);
 }
 
 void token_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int values_dtype, int64_t n_tokens,
-                   uintptr_t step_tokens, uintptr_t step_token_offsets, uintptr_t traj_step_offsets,
-                   int64_t num_trajectories, double gamma, double lam, uintptr_t adv, uintptr_t ret, int out_dtype) {
+                   uintptr_t step_tokens, int64_t n_step_tokens, uintptr_t step_token_offsets, int64_t num_steps,
+                   uintptr_t traj_step_offsets, int64_t num_trajectories, double gamma, double lam, uintptr_t adv,
+                   uintptr_t ret, int out_dtype) {
   const void* r = reinterpret_cast<const void*>(rewards);
   const void* v = reinterpret_cast<const void*>(values);
   const int64_t* tok = reinterpret_cast<const int64_t*>(step_tokens);
@@ -154,8 +174,12 @@ void token_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int v
   const int64_t* toff = reinterpret_cast<const int64_t*>(traj_step_offsets);
   void* a = reinterpret_cast<void*>(adv);
   void* R = reinterpret_cast<void*>(ret);
+  check_csr_ends("traj_step_offsets", toff, num_trajectories, num_steps, "steps");
+  check_csr_ends("step_token_offsets", soff, num_steps, n_step_tokens, "step tokens");
   advise_out(a, n_tokens, out_dtype);
   advise_out(R, n_tokens, out_dtype);
+  // First bad trajectory pair, step pair and step_tokens position (each checked where it is read).
+  int64_t bad_traj = num_trajectories, bad_step = num_steps, bad_tok = n_step_tokens;
   with_gae_types("token_rewards", rewards_dtype, "token_values", values_dtype, out_dtype,
                  [&](auto rt, auto vt, auto ot) {
     using RT = decltype(rt);
@@ -169,14 +193,34 @@ void token_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int v
         OT::set(R, t, 0.0);
       }
       // The implicit barrier above orders the zeros before the trajectories' writes.
-#pragma omp for schedule(dynamic, 64)
+#pragma omp for schedule(dynamic, 64) reduction(min : bad_traj, bad_step, bad_tok)
       for (int64_t j = 0; j < num_trajectories; ++j) {
-        // The trajectory's agent tokens in time order are one contiguous range of step_tokens.
-        gae_sweep<RT, VT, OT>(soff[toff[j]], soff[toff[j + 1]], [tok](int64_t i) { return tok[i]; }, r, v, gamma,
-                              lam, a, R);
+        if (!pair_ok(toff[j], toff[j + 1], num_steps)) {
+          bad_traj = std::min(bad_traj, j);
+          continue;
+        }
+        // With every step pair of the trajectory in order, its tokens are one contiguous range of
+        // step_tokens that no other trajectory's range overlaps.
+        bool steps_ok = true;
+        for (int64_t k = toff[j]; k < toff[j + 1]; ++k) {
+          if (!pair_ok(soff[k], soff[k + 1], n_step_tokens)) {
+            bad_step = std::min(bad_step, k);
+            steps_ok = false;
+            break;
+          }
+        }
+        if (!steps_ok) continue;
+        const int64_t i = gae_sweep<RT, VT, OT>(soff[toff[j]], soff[toff[j + 1]], [tok](int64_t i) { return tok[i]; },
+                                                n_tokens, r, v, gamma, lam, a, R);
+        if (i >= 0) bad_tok = std::min(bad_tok, i);
       }
     }
   });
+  if (bad_traj < num_trajectories) bad_pair("traj_step_offsets", bad_traj, toff, num_steps);
+  if (bad_step < num_steps) bad_pair("step_token_offsets", bad_step, soff, n_step_tokens);
+  if (bad_tok < n_step_tokens)
+    bad_index("step_tokens", bad_tok, tok[bad_tok],
+              "is outside [0, " + std::to_string(n_tokens) + "), the token rewards' range");
 }
 
 void whiten_moments_cpu(uintptr_t x, int x_dtype, uintptr_t mask, int64_t n, uintptr_t out) {

@@ -9,23 +9,32 @@ namespace steppo {
 // bfloat16 or float16 (dtype codes of common.h); arithmetic is in double; outputs are
 // float32 or float64 (`out_dtype`). Index arrays are contiguous int64 unless named int32.
 
-// out[t] = step_values[token_step[t]] where token_step[t] >= 0, else 0. token_step: int32 (n,).
-void broadcast_to_tokens_cpu(uintptr_t step_values, int values_dtype, uintptr_t token_step, int64_t n,
-                             uintptr_t out, int out_dtype);
+// Every index is checked against the sizes given (num_values, num_steps, n_tokens, ...); a bad one
+// raises std::invalid_argument naming the argument, and nothing outside the arrays is touched.
+
+// out[t] = step_values[token_step[t]] where token_step[t] >= 0, else 0. token_step: int32 (n,),
+// each entry below num_values (the length of step_values).
+void broadcast_to_tokens_cpu(uintptr_t step_values, int values_dtype, int64_t num_values, uintptr_t token_step,
+                             int64_t n, uintptr_t out, int out_dtype);
 
 // Step-level GAE per trajectory; steps of trajectory r are ids traj_step_offsets[r] .. [r+1] in
 // time order. delta_k = r_k + gamma V_{k+1} - V_k (V_K = 0); A_k = delta_k + gamma lam A_{k+1};
-// R_k = A_k + V_k. Parallel over trajectories.
-void step_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int values_dtype,
+// R_k = A_k + V_k. Parallel over trajectories. rewards, values, adv, ret: (num_steps,);
+// traj_step_offsets: CSR offsets from 0 to num_steps.
+void step_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int values_dtype, int64_t num_steps,
                   uintptr_t traj_step_offsets, int64_t num_trajectories, double gamma, double lam, uintptr_t adv,
                   uintptr_t ret, int out_dtype);
 
 // Token-level GAE over each trajectory's agent tokens in time order, across steps. Tokens of
 // step s are step_tokens[step_token_offsets[s] .. [s+1]]. adv and ret (n_tokens,) are written
-// everywhere: 0 on tokens of no step.
+// everywhere: 0 on tokens of no step. step_tokens: (n_step_tokens,) entries in [0, n_tokens);
+// step_token_offsets: CSR offsets (num_steps + 1,) from 0 to n_step_tokens; traj_step_offsets:
+// CSR offsets (num_trajectories + 1,) from 0 to num_steps. A token listed twice gets one of its
+// two results (unspecified which).
 void token_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int values_dtype, int64_t n_tokens,
-                   uintptr_t step_tokens, uintptr_t step_token_offsets, uintptr_t traj_step_offsets,
-                   int64_t num_trajectories, double gamma, double lam, uintptr_t adv, uintptr_t ret, int out_dtype);
+                   uintptr_t step_tokens, int64_t n_step_tokens, uintptr_t step_token_offsets, int64_t num_steps,
+                   uintptr_t traj_step_offsets, int64_t num_trajectories, double gamma, double lam, uintptr_t adv,
+                   uintptr_t ret, int out_dtype);
 
 // (count, sum, sum of squares) of x over mask (mask may be 0: all), in double, summed in fixed
 // blocks so the result does not depend on the thread count. out: 3 doubles.

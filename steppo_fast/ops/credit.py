@@ -13,12 +13,18 @@ from torch import Tensor
 
 from .. import _native
 from .. import reference as ref
+from . import _guards as guard
 from ._registry import _acc, _run, register_backend
 
 
 @torch.library.custom_op("steppo_fast::step_rewards", mutates_args=())
 def _step_rewards(token_rewards: Tensor, token_step: Tensor, step_tokens: Tensor, step_token_offsets: Tensor,
                   backend: str) -> Tensor:
+    op = "step_rewards"
+    guard.tensor(op, "token_rewards", token_rewards, "float", dim=1)
+    guard.tensor(op, "token_step", token_step, "int", like=token_rewards, like_name="token_rewards")
+    guard.tensor(op, "step_tokens", step_tokens, "int", dim=1, device=token_rewards.device)
+    _check_offsets(op, "step_token_offsets", step_token_offsets, token_rewards.device)
     return _run("step_rewards", token_rewards.device, backend, token_rewards, token_step, step_tokens,
                 step_token_offsets)
 
@@ -38,10 +44,12 @@ def _step_rewards_cpp(token_rewards, token_step, step_tokens, step_token_offsets
     mod = _native.cpu_module()
     out = torch.empty(step_token_offsets.numel() - 1, dtype=_acc(token_rewards))
     r = token_rewards.contiguous()
+    tok = _native_index(step_tokens, torch.int64)
+    off = _native_index(step_token_offsets, torch.int64)
     mod.step_rewards_cpu(
-        _native.ptr("token_rewards", r), _native.dtype_code("token_rewards", r),
-        _native.ptr("step_tokens", step_tokens, torch.int64),
-        _native.ptr("step_token_offsets", step_token_offsets, torch.int64),
+        _native.ptr("token_rewards", r), _native.dtype_code("token_rewards", r), r.numel(),
+        _native.ptr("step_tokens", tok, torch.int64), tok.numel(),
+        _native.ptr("step_token_offsets", off, torch.int64),
         out.numel(), out.data_ptr(), _native.dtype_code("out", out),
     )
     return out
@@ -74,15 +82,20 @@ def step_rewards(token_rewards: Tensor, token_step: Tensor, step_tokens: Tensor,
 
     Args:
         token_rewards: (N,) float; token_step: (N,) int32 step id or -1;
-        step_tokens, step_token_offsets: the layout's CSR token list (int64).
+        step_tokens, step_token_offsets: the layout's CSR token list (int64): step s's tokens are
+            ``step_tokens[step_token_offsets[s]:step_token_offsets[s + 1]]``, each in [0, N).
     Returns:
-        (S,) float32 (float64 for float64 rewards).
+        (S,) float32 (float64 for float64 rewards), S = ``step_token_offsets.numel() - 1``.
+    Raises ValueError for a bad size; on the CPU kernel also for an index or offset out of range.
     """
     return _step_rewards(token_rewards, token_step, step_tokens, step_token_offsets, backend)
 
 
 @torch.library.custom_op("steppo_fast::broadcast_to_tokens", mutates_args=())
 def _broadcast_to_tokens(step_values: Tensor, token_step: Tensor, backend: str) -> Tensor:
+    op = "broadcast_to_tokens"
+    guard.tensor(op, "step_values", step_values, "float", dim=1)
+    guard.tensor(op, "token_step", token_step, "int", dim=1, device=step_values.device)
     return _run("broadcast_to_tokens", step_values.device, backend, step_values, token_step)
 
 
@@ -105,6 +118,23 @@ def _native_index(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype).contiguous()
 
 
+def _check_offsets(op: str, name: str, t, device) -> Tensor:
+    """CSR offsets: a 1-D integer tensor with at least one entry (their values are checked by the
+    kernels that read them)."""
+    guard.tensor(op, name, t, "int", dim=1, device=device)
+    if t.numel() < 1:
+        raise ValueError(f"{op}: {name} must hold at least one offset (CSR offsets start with 0)")
+    return t
+
+
+class _CpuArg:
+    """An argument only the C++ kernel takes (a size it checks indices against); the CUDA
+    kernel's signature does not have it (yet), so ``_launch`` drops it there."""
+
+    def __init__(self, value):
+        self.value = value
+
+
 def _on_device(t: Tensor):
     """(stream, device index) arguments of a _C_cuda call for tensors on t's device."""
     return _native.cuda_stream(t), t.device.index or 0
@@ -114,7 +144,8 @@ def _launch(kind: str, name: str, like: Tensor, *args):
     """Calls kernel ``name`` of _C (kind "cpp": ``name_cpu``) or _C_cuda (kind "cuda":
     ``name_cuda``, with the stream and device of ``like`` appended)."""
     if kind == "cpp":
-        return getattr(_native.cpu_module(), f"{name}_cpu")(*args)
+        return getattr(_native.cpu_module(), f"{name}_cpu")(*(a.value if isinstance(a, _CpuArg) else a for a in args))
+    args = tuple(a for a in args if not isinstance(a, _CpuArg))
     return getattr(_native.cuda_module(), f"{name}_cuda")(*args, *_on_device(like))
 
 
@@ -135,20 +166,27 @@ def _broadcast_to_tokens_native(kind):
         out = torch.empty(ts.shape, dtype=v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32,
                           device=v.device)
         # With no steps every token_step is -1: the kernel writes zeros and reads no value.
-        _launch(kind, "broadcast_to_tokens", v, v.data_ptr(), _native.dtype_code("step_values", v), ts.data_ptr(),
-                ts.numel(), out.data_ptr(), _native.dtype_code("out", out))
+        _launch(kind, "broadcast_to_tokens", v, v.data_ptr(), _native.dtype_code("step_values", v),
+                _CpuArg(v.numel()), ts.data_ptr(), ts.numel(), out.data_ptr(), _native.dtype_code("out", out))
         return out.to(step_values.dtype)  # same dtype as the values (a copy is exact)
     return impl
 
 
 def broadcast_to_tokens(step_values: Tensor, token_step: Tensor, backend: str = "auto") -> Tensor:
-    """(N,) tensor: step_values[token_step[t]] on agent tokens, 0 elsewhere (SPEC 4)."""
+    """(N,) tensor: step_values[token_step[t]] on agent tokens, 0 elsewhere (SPEC 4).
+
+    step_values: (S,) float; token_step: (N,) integer, a step id in [0, S) or negative (no step).
+    An id >= S raises ValueError on the CPU kernel."""
     return _broadcast_to_tokens(step_values, token_step, backend)
 
 
 @torch.library.custom_op("steppo_fast::step_gae", mutates_args=())
 def _step_gae(step_rewards: Tensor, step_values: Tensor, traj_step_offsets: Tensor, gamma: float, lam: float,
               backend: str) -> Tuple[Tensor, Tensor]:
+    op = "step_gae"
+    guard.tensor(op, "step_rewards", step_rewards, "float", dim=1)
+    guard.tensor(op, "step_values", step_values, "float", like=step_rewards, like_name="step_rewards")
+    _check_offsets(op, "traj_step_offsets", traj_step_offsets, step_rewards.device)
     return _run("step_gae", step_rewards.device, backend, step_rewards, step_values, traj_step_offsets, gamma, lam)
 
 
@@ -169,7 +207,8 @@ def _step_gae_native(kind):
         dt = _acc(step_rewards, step_values)
         adv, ret = torch.empty(r.shape, dtype=dt, device=r.device), torch.empty(r.shape, dtype=dt, device=r.device)
         _launch(kind, "step_gae", r, r.data_ptr(), _native.dtype_code("step_rewards", r), v.data_ptr(),
-                _native.dtype_code("step_values", v), off.data_ptr(), off.numel() - 1, float(gamma), float(lam),
+                _native.dtype_code("step_values", v), _CpuArg(r.numel()), off.data_ptr(), off.numel() - 1,
+                float(gamma), float(lam),
                 adv.data_ptr(), ret.data_ptr(), _native.dtype_code("adv", adv))
         return adv, ret
     return impl
@@ -177,13 +216,25 @@ def _step_gae_native(kind):
 
 def step_gae(step_rewards: Tensor, step_values: Tensor, traj_step_offsets: Tensor, gamma: float = 1.0,
              lam: float = 1.0, backend: str = "auto") -> Tuple[Tensor, Tensor]:
-    """Unwhitened step-level GAE (SPEC 4): (advantages, returns), each (S,)."""
-    return _step_gae(step_rewards, step_values, traj_step_offsets, float(gamma), float(lam), backend)
+    """Unwhitened step-level GAE (SPEC 4): (advantages, returns), each (S,).
+
+    step_rewards, step_values: (S,) float; traj_step_offsets: (R+1,) integer CSR offsets from 0 to S
+    (trajectory r's steps are ``traj_step_offsets[r]:traj_step_offsets[r + 1]``, in time order);
+    gamma, lam: finite, in [0, 1]. Bad offsets raise ValueError on the CPU kernel."""
+    gamma = guard.number("step_gae", "gamma", gamma, 0.0, 1.0)
+    lam = guard.number("step_gae", "lam", lam, 0.0, 1.0)
+    return _step_gae(step_rewards, step_values, traj_step_offsets, gamma, lam, backend)
 
 
 @torch.library.custom_op("steppo_fast::token_gae", mutates_args=())
 def _token_gae(token_rewards: Tensor, token_values: Tensor, step_tokens: Tensor, step_token_offsets: Tensor,
                traj_step_offsets: Tensor, gamma: float, lam: float, backend: str) -> Tuple[Tensor, Tensor]:
+    op = "token_gae"
+    guard.tensor(op, "token_rewards", token_rewards, "float", dim=1)
+    guard.tensor(op, "token_values", token_values, "float", like=token_rewards, like_name="token_rewards")
+    guard.tensor(op, "step_tokens", step_tokens, "int", dim=1, device=token_rewards.device)
+    _check_offsets(op, "step_token_offsets", step_token_offsets, token_rewards.device)
+    _check_offsets(op, "traj_step_offsets", traj_step_offsets, token_rewards.device)
     return _run("token_gae", token_rewards.device, backend, token_rewards, token_values, step_tokens,
                 step_token_offsets, traj_step_offsets, gamma, lam)
 
@@ -208,8 +259,9 @@ def _token_gae_native(kind):
         dt = _acc(token_rewards, token_values)
         adv, ret = torch.empty(r.shape, dtype=dt, device=r.device), torch.empty(r.shape, dtype=dt, device=r.device)
         _launch(kind, "token_gae", r, r.data_ptr(), _native.dtype_code("token_rewards", r), v.data_ptr(),
-                _native.dtype_code("token_values", v), r.numel(), tok.data_ptr(), soff.data_ptr(), toff.data_ptr(),
-                toff.numel() - 1, float(gamma), float(lam), adv.data_ptr(), ret.data_ptr(),
+                _native.dtype_code("token_values", v), r.numel(), tok.data_ptr(), _CpuArg(tok.numel()),
+                soff.data_ptr(), _CpuArg(soff.numel() - 1), toff.data_ptr(), toff.numel() - 1, float(gamma),
+                float(lam), adv.data_ptr(), ret.data_ptr(),
                 _native.dtype_code("adv", adv))
         return adv, ret
     return impl
@@ -218,9 +270,16 @@ def _token_gae_native(kind):
 def token_gae(token_rewards: Tensor, token_values: Tensor, step_tokens: Tensor, step_token_offsets: Tensor,
               traj_step_offsets: Tensor, gamma: float = 1.0, lam: float = 1.0,
               backend: str = "auto") -> Tuple[Tensor, Tensor]:
-    """Unwhitened token-level GAE across steps (SPEC 5): (advantages, returns), each (N,)."""
+    """Unwhitened token-level GAE across steps (SPEC 5): (advantages, returns), each (N,).
+
+    token_rewards, token_values: (N,) float; step_tokens (N_active,) with entries in [0, N),
+    step_token_offsets (S+1,) CSR offsets from 0 to N_active, traj_step_offsets (R+1,) CSR offsets
+    from 0 to S (the layout's); gamma, lam: finite, in [0, 1]. Bad indices or offsets raise
+    ValueError on the CPU kernel."""
+    gamma = guard.number("token_gae", "gamma", gamma, 0.0, 1.0)
+    lam = guard.number("token_gae", "lam", lam, 0.0, 1.0)
     return _token_gae(token_rewards, token_values, step_tokens, step_token_offsets, traj_step_offsets,
-                      float(gamma), float(lam), backend)
+                      gamma, lam, backend)
 
 
 # Whitening is split in two so that data-parallel callers can all-reduce the
@@ -230,6 +289,8 @@ WHITEN_MODES = ("step", "token")
 
 @torch.library.custom_op("steppo_fast::whiten_moments", mutates_args=())
 def _whiten_moments(x: Tensor, mask: Optional[Tensor], backend: str) -> Tensor:
+    guard.tensor("whiten", "x", x, "float")
+    guard.optional("whiten", "mask", mask, kind="mask", like=x, like_name="x")
     return _run("whiten_moments", x.device, backend, x, mask)
 
 
@@ -271,6 +332,9 @@ def _whiten_moments_native(kind):
 def _whiten_apply(x: Tensor, mask: Optional[Tensor], moments: Tensor, mode: str, backend: str) -> Tensor:
     if mode not in WHITEN_MODES:
         raise ValueError(f"mode must be one of {WHITEN_MODES}, got {mode!r}")
+    guard.tensor("whiten", "x", x, "float")
+    guard.optional("whiten", "mask", mask, kind="mask", like=x, like_name="x")
+    guard.tensor("whiten", "moments", moments, "float", numel=3, device=x.device)
     return _run("whiten_apply", x.device, backend, x, mask, moments, mode)
 
 
@@ -326,8 +390,7 @@ def whiten(x: Tensor, mask: Optional[Tensor] = None, mode: str = "step", process
     Returns:
         (M,) float32 (float64 for float64 x).
     """
-    if mode not in WHITEN_MODES:
-        raise ValueError(f"mode must be one of {WHITEN_MODES}, got {mode!r}")
+    guard.choice("whiten", "mode", mode, WHITEN_MODES)
     moments = _whiten_moments(x, mask, backend)
     if process_group is not None:
         import torch.distributed as dist
@@ -349,6 +412,10 @@ def _group_advantage(values: Tensor, group: Tensor, subkey: Optional[Tensor], no
         raise ValueError(f"norm must be one of {GROUP_NORMS}, got {norm!r}")
     if singleton not in SINGLETONS:
         raise ValueError(f"singleton must be one of {SINGLETONS}, got {singleton!r}")
+    op = "group_advantage"
+    guard.tensor(op, "values", values, "float", dim=1)
+    guard.tensor(op, "group", group, "int", like=values, like_name="values")
+    guard.optional(op, "subkey", subkey, kind="int", like=values, like_name="values")
     return _run("group_advantage", values.device, backend, values, group, subkey, norm, singleton, eps)
 
 
@@ -399,5 +466,8 @@ def group_advantage(values: Tensor, group: Tensor, subkey: Optional[Tensor] = No
     Returns:
         (M,) float32 (float64 for float64 values).
     """
-    return _group_advantage(values, group, subkey, norm, singleton, float(eps), backend)
+    guard.choice("group_advantage", "norm", norm, GROUP_NORMS)
+    guard.choice("group_advantage", "singleton", singleton, SINGLETONS)
+    eps = guard.number("group_advantage", "eps", eps, 0.0)
+    return _group_advantage(values, group, subkey, norm, singleton, eps, backend)
 

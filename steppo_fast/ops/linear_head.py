@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
-from ._registry import _IMPLS, _acc, _opt_float, _run, register_backend
-from .losses import POLICY_METRICS, _policy_loss
+from . import _guards as guard
+from ._registry import _IMPLS, _acc, _run, register_backend
+from .losses import POLICY_METRICS, _policy_loss, policy_options
 
 
 # From hidden states (N, H) and the lm_head weight (V, H): ``rows`` (M,) int64 lists the tokens to
@@ -36,11 +37,37 @@ def _rows_mask(rows: Optional[Tensor], n: int, device) -> Optional[Tensor]:
     return torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, rows, True)
 
 
+def _check_head(op: str, hidden, weight, bias, labels, rows) -> None:
+    """hidden (N, H) and weight (V, H) float of one dtype with V >= 1, bias (V,) or None, labels (N,)
+    int32/int64, rows (M,) integer or None: all on hidden's device."""
+    guard.tensor(op, "hidden", hidden, "float", dim=2)
+    guard.tensor(op, "weight", weight, "float", dim=2, device=hidden.device)
+    if weight.shape[1] != hidden.shape[1] or weight.shape[0] < 1:
+        raise ValueError(f"{op}: weight must have shape (V, H) = (V >= 1, {hidden.shape[1]}) to match hidden, "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    guard.optional(op, "bias", bias, kind="float", dim=1, numel=weight.shape[0], device=hidden.device)
+    guard.tensor(op, "labels", labels, "int", dim=1, numel=hidden.shape[0], device=hidden.device)
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: labels must be int32 or int64, got {labels.dtype}")
+    guard.optional(op, "rows", rows, kind="int", dim=1, device=hidden.device)
+
+
+def _check_temperature_chunk(op: str, temperature: float, chunk: int) -> None:
+    if not (0 < temperature < float("inf")):
+        raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
+    if chunk < 0:
+        raise ValueError(f"{op}: chunk must be >= 0 (0: automatic), got {chunk}")
+
+
 @torch.library.custom_op("steppo_fast::linear_token_logprobs", mutates_args=())
 def _linear_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                            rows: Optional[Tensor], temperature: float, with_entropy: bool, chunk: int,
                            fp32_weight_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     # fp32_weight_grad is used by the backward only (grad_W accumulated across chunks in fp32).
+    _check_head("linear_token_logprobs", hidden, weight, bias, labels, rows)
+    _check_temperature_chunk("linear_token_logprobs", temperature, chunk)
     return _run("linear_token_logprobs", hidden.device, backend, hidden, weight, bias, labels, rows, temperature,
                 with_entropy, chunk)
 
@@ -90,6 +117,12 @@ def _linear_token_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Option
                                     grad_logp: Tensor, grad_entropy: Tensor, temperature: float, with_entropy: bool,
                                     chunk: int, need_hidden: bool, need_weight: bool, need_bias: bool,
                                     fp32_weight_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    op = "linear_token_logprobs_backward"
+    _check_head(op, hidden, weight, bias, labels, rows)
+    _check_temperature_chunk(op, temperature, chunk)
+    for name, t in (("logp", logp), ("entropy", entropy), ("lse", lse), ("grad_logp", grad_logp),
+                    ("grad_entropy", grad_entropy)):
+        guard.tensor(op, name, t, "float", dim=1, numel=hidden.shape[0], device=hidden.device)
     return _run("linear_token_logprobs_backward", hidden.device, backend, hidden, weight, bias, labels, rows, logp,
                 entropy, lse, grad_logp, grad_entropy, temperature, with_entropy, chunk, need_hidden, need_weight,
                 need_bias, fp32_weight_grad)
@@ -152,10 +185,15 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, rows: 
     rows: (M,) int64 indices of the tokens to compute (each once), or None for all N; the others
     get 0 and never enter a product. chunk: rows of logits per chunk (0: ``linear_head.auto_chunk``).
     fp32_weight_grad: accumulate grad_weight across chunks in fp32 (for bf16/fp16 weights).
+    temperature: finite, > 0. A row index outside [0, N) raises (torch's own index check).
     Differentiable in hidden, weight and bias; returns two (N,) float32 tensors.
     """
-    logp, ent, _ = _linear_token_logprobs(hidden, weight, bias, labels, rows, float(temperature),
-                                          bool(with_entropy), int(chunk), bool(fp32_weight_grad), backend)
+    op = "linear_token_logprobs"
+    logp, ent, _ = _linear_token_logprobs(hidden, weight, bias, labels, rows,
+                                          guard.number(op, "temperature", temperature, 0.0, lo_open=True),
+                                          guard.flag(op, "with_entropy", with_entropy),
+                                          guard.number(op, "chunk", chunk, 0, integer=True),
+                                          guard.flag(op, "fp32_weight_grad", fp32_weight_grad), backend)
     return logp, ent
 
 
@@ -171,6 +209,21 @@ def _linear_policy_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
                         norm_constant: Optional[float], temperature: float, with_entropy: bool, need_hidden: bool,
                         need_weight: bool, need_bias: bool, fp32_weight_grad: bool,
                         backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    op = "linear_policy_loss"
+    _check_head(op, hidden, weight, bias, labels, rows)
+    _check_temperature_chunk(op, temperature, 0)
+    m = rows.shape[0]  # (M,): every per-row tensor is gathered to the rows
+    for name, t, kind, need in (("token_step", token_step, "int", True), ("old_logp", old_logp, "float", True),
+                                ("advantages", advantages, "float", True), ("weights", weights, "float", False),
+                                ("ref_logp", ref_logp, "float", False)):
+        if need or t is not None:
+            guard.tensor(op, name, t, kind, dim=1, numel=m, device=hidden.device)
+    if num_steps < 0:
+        raise ValueError(f"{op}: num_steps must be >= 0, got {num_steps}")
+    guard.tensor(op, "step_offsets", step_offsets, "int", dim=1, numel=num_steps + 1, device=hidden.device)
+    _check_plan(op, bounds, split_step, m, num_steps)
+    if agg_mode == "seq-mean-token-sum-norm" and norm_constant is None:
+        raise ValueError("agg_mode 'seq-mean-token-sum-norm' needs norm_constant (verl's default: T)")
     loss_args = dict(ratio_level=ratio_level, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                      agg_mode=agg_mode, entropy_coef=entropy_coef, kl_coef=kl_coef, kl_type=kl_type,
                      global_num_tokens=global_num_tokens, global_num_steps=global_num_steps,
@@ -186,6 +239,17 @@ def _linear_policy_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
                                        entropy_coef, kl_coef, kl_type, global_num_tokens, global_num_steps,
                                        norm_constant, "auto")
     return loss, metrics, lp, ent, gh, gw, gb
+
+
+def _check_plan(op: str, bounds: List[int], split_step: List[int], m: int, num_steps: int) -> None:
+    """A chunk plan of ``linear_head.plan_chunks`` over m rows: bounds from 0 to m, non-decreasing, and one
+    split_step entry in [0, num_steps] per chunk (host lists: no synchronisation)."""
+    if not bounds or bounds[0] != 0 or bounds[-1] != m or any(b1 < b0 for b0, b1 in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"{op}: bounds must be non-decreasing chunk boundaries from 0 to the {m} rows "
+                         f"(linear_head.plan_chunks), got {list(bounds)[:8]}{'...' if len(bounds) > 8 else ''}")
+    if len(split_step) != len(bounds) - 1 or any(not 0 <= s <= num_steps for s in split_step):
+        raise ValueError(f"{op}: split_step must hold one entry in [0, {num_steps}] per chunk "
+                         f"({len(bounds) - 1} chunks), got {len(split_step)} entries")
 
 
 @_linear_policy_loss.register_fake
@@ -251,14 +315,22 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], l
     CSR offsets over rows; bounds / split_step: ``linear_head.plan_chunks``; old_logp, advantages,
     weights, ref_logp: (M,) gathered. need_*: which gradients to compute.
     Returns (loss, metrics) as ``policy_loss`` does; differentiable in hidden, weight and bias.
+    Sizes, the plan and the options are checked here; row indices outside [0, N) raise (torch's own
+    index check), step ids outside [0, num_steps) raise in the CPU policy-loss kernel.
     """
+    op = "linear_policy_loss"
+    o = policy_options(op, ratio_level, clip_low, clip_high, dual_clip, agg_mode, entropy_coef, kl_coef, kl_type,
+                       global_num_tokens, global_num_steps, norm_constant)
     loss, m, _, _, _, _, _ = _linear_policy_loss(
-        hidden, weight, bias, labels, rows, token_step, step_offsets, int(num_steps), [int(b) for b in bounds],
-        [int(s) for s in split_step], old_logp, advantages, weights, ref_logp, ratio_level, float(clip_low),
-        float(clip_high), None if dual_clip is None else float(dual_clip), agg_mode, float(entropy_coef),
-        float(kl_coef), kl_type, _opt_float(global_num_tokens), _opt_float(global_num_steps),
-        _opt_float(norm_constant), float(temperature), bool(with_entropy), bool(need_hidden), bool(need_weight),
-        bool(need_bias), bool(fp32_weight_grad), backend)
+        hidden, weight, bias, labels, rows, token_step, step_offsets,
+        guard.number(op, "num_steps", num_steps, 0, integer=True),
+        [guard.number(op, "bounds", b, integer=True) for b in bounds],
+        [guard.number(op, "split_step", s, integer=True) for s in split_step], old_logp, advantages, weights, ref_logp,
+        o["ratio_level"], o["clip_low"], o["clip_high"], o["dual_clip"], o["agg_mode"], o["entropy_coef"],
+        o["kl_coef"], o["kl_type"], o["global_num_tokens"], o["global_num_steps"], o["norm_constant"],
+        guard.number(op, "temperature", temperature, 0.0, lo_open=True), guard.flag(op, "with_entropy", with_entropy),
+        guard.flag(op, "need_hidden", need_hidden), guard.flag(op, "need_weight", need_weight),
+        guard.flag(op, "need_bias", need_bias), guard.flag(op, "fp32_weight_grad", fp32_weight_grad), backend)
     return loss, dict(zip(POLICY_METRICS, m.detach().unbind(0)))
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import _native
 from .. import reference as ref
+from . import _guards as guard
 from ._registry import _acc, _run, register_backend
 
 
@@ -43,9 +44,29 @@ def row_geometry(logits: Tensor):
     return b * t, v, max(t, 1), logits.stride(0), logits.stride(1)
 
 
+def _check_rows(op: str, logits, labels, mask) -> int:
+    """logits (N, V) or (B, T, V) float with V >= 1; labels (N,) int32/int64; mask (N,) bool."""
+    guard.tensor(op, "logits", logits, "float")
+    if logits.dim() not in (2, 3) or logits.shape[-1] < 1:
+        raise ValueError(f"{op}: logits must have shape (N, V) or (B, T, V) with V >= 1, got {tuple(logits.shape)}")
+    n = logits.shape[0] if logits.dim() == 2 else logits.shape[0] * logits.shape[1]
+    guard.tensor(op, "labels", labels, "int", dim=1, numel=n, device=logits.device)
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: labels must be int32 or int64, got {labels.dtype}")
+    guard.tensor(op, "mask", mask, "mask", dim=1, numel=n, device=logits.device)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{op}: mask must be a bool tensor, got {mask.dtype}")
+    return n
+
+
 @torch.library.custom_op("steppo_fast::token_logprobs", mutates_args=())
 def _token_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, temperature: float, with_entropy: bool,
                     inplace_backward: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_rows("token_logprobs", logits, labels, mask)
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"token_logprobs: temperature must be finite and > 0, got {temperature}")
+    if inplace_backward:  # refused before any work: the backward would write rows over each other
+        guard.no_internal_overlap("token_logprobs", "logits", logits)
     return _run("token_logprobs", logits.device, backend, logits, labels, mask, temperature, with_entropy)
 
 
@@ -92,6 +113,7 @@ def _token_logprobs_triton(logits, labels, mask, temperature, with_entropy):
 def _token_logprobs_backward(logits: Tensor, labels: Tensor, mask: Tensor, logp: Tensor, entropy: Tensor,
                              lse: Tensor, grad_logp: Tensor, grad_entropy: Tensor, temperature: float,
                              with_entropy: bool, backend: str) -> Tensor:
+    _check_backward("token_logprobs_backward", logits, labels, mask, logp, entropy, lse, grad_logp, grad_entropy)
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _run("token_logprobs_backward", logits.device, backend, logits, labels, mask, logp, entropy, lse, grad_logp,
          grad_entropy, temperature, with_entropy, out)
@@ -107,6 +129,8 @@ def _(logits, labels, mask, logp, entropy, lse, grad_logp, grad_entropy, tempera
 def _token_logprobs_backward_(logits: Tensor, labels: Tensor, mask: Tensor, logp: Tensor, entropy: Tensor,
                               lse: Tensor, grad_logp: Tensor, grad_entropy: Tensor, temperature: float,
                               with_entropy: bool, backend: str) -> None:
+    _check_backward("token_logprobs_backward_", logits, labels, mask, logp, entropy, lse, grad_logp, grad_entropy)
+    guard.no_internal_overlap("token_logprobs_backward_", "logits", logits)
     _run("token_logprobs_backward", logits.device, backend, logits, labels, mask, logp, entropy, lse, grad_logp,
          grad_entropy, temperature, with_entropy, logits)
 
@@ -114,6 +138,13 @@ def _token_logprobs_backward_(logits: Tensor, labels: Tensor, mask: Tensor, logp
 @_token_logprobs_backward_.register_fake
 def _(logits, labels, mask, logp, entropy, lse, grad_logp, grad_entropy, temperature, with_entropy, backend):
     return None
+
+
+def _check_backward(op, logits, labels, mask, logp, entropy, lse, grad_logp, grad_entropy) -> None:
+    n = _check_rows(op, logits, labels, mask)
+    for name, t in (("logp", logp), ("entropy", entropy), ("lse", lse), ("grad_logp", grad_logp),
+                    ("grad_entropy", grad_entropy)):
+        guard.tensor(op, name, t, "float", dim=1, numel=n, device=logits.device)
 
 
 # Backward implementations write dL/dlogits into ``out`` (logits' shape and dtype), which may be
@@ -203,12 +234,16 @@ def token_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, temperature: fl
             strided, the vocabulary should be contiguous (else it is copied).
         labels: (N,) int32/int64 with N = B * T; ignored where mask is False.
         mask: (N,) bool, the tokens to compute.
+        temperature: finite, > 0.
         inplace_backward: write dL/dlogits into the logits buffer (no N x V allocation); the
-            logits must not be needed by anything else afterwards.
+            logits must not be needed by anything else afterwards, and no two of their elements
+            may share memory (an expanded view is refused with a ValueError).
     Returns:
         (logp, entropy), each (N,) float32 (float64 for float64 logits), 0 where masked out.
+    A masked-in label outside [0, V) gives NaN in its row; nothing outside the logits is read.
     """
-    logp, ent, _ = _token_logprobs(logits, labels, mask, float(temperature), bool(with_entropy),
-                                   bool(inplace_backward), backend)
+    tau = guard.number("token_logprobs", "temperature", temperature, 0.0, lo_open=True)
+    logp, ent, _ = _token_logprobs(logits, labels, mask, tau, guard.flag("token_logprobs", "with_entropy", with_entropy),
+                                   guard.flag("token_logprobs", "inplace_backward", inplace_backward), backend)
     return logp, ent
 

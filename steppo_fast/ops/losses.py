@@ -13,11 +13,56 @@ from torch import Tensor
 
 from .. import _native
 from .. import reference as ref
+from . import _guards as guard
 from ._registry import _acc, _opt_float, _run, register_backend
 
 
 POLICY_METRICS = ("pg_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "ratio_mean", "ratio_min", "ratio_max",
                   "entropy", "kl")
+
+
+def policy_options(op: str, ratio_level, clip_low, clip_high, dual_clip, agg_mode, entropy_coef, kl_coef, kl_type,
+                   global_num_tokens=None, global_num_steps=None, norm_constant=None) -> dict:
+    """The options of SPEC 7, checked and converted: strings among their choices; clip_low,
+    clip_high > 0, dual_clip > 1 (or None), entropy_coef and kl_coef, all finite; the global counts
+    and norm_constant finite and > 0 (or None). A host number each (a CPU scalar tensor is read).
+    Raises TypeError / ValueError naming ``op`` and the option."""
+    opt = guard.optional_number
+    return dict(
+        ratio_level=guard.choice(op, "ratio_level", ratio_level, ref.RATIO_LEVELS),
+        clip_low=guard.number(op, "clip_low", clip_low, 0.0, lo_open=True),
+        clip_high=guard.number(op, "clip_high", clip_high, 0.0, lo_open=True),
+        dual_clip=opt(op, "dual_clip", dual_clip, lo=1.0, lo_open=True),
+        agg_mode=guard.choice(op, "agg_mode", agg_mode, ref.AGG_MODES),
+        entropy_coef=guard.number(op, "entropy_coef", entropy_coef),
+        kl_coef=guard.number(op, "kl_coef", kl_coef),
+        kl_type=guard.choice(op, "kl_type", kl_type, ref.KL_TYPES),
+        global_num_tokens=opt(op, "global_num_tokens", _host(op, "global_num_tokens", global_num_tokens), lo=0.0,
+                              lo_open=True),
+        global_num_steps=opt(op, "global_num_steps", _host(op, "global_num_steps", global_num_steps), lo=0.0,
+                             lo_open=True),
+        norm_constant=opt(op, "norm_constant", _host(op, "norm_constant", norm_constant), lo=0.0, lo_open=True),
+    )
+
+
+def _host(op: str, name: str, x):
+    """A count given as a tensor must be a one-element host value (reading a GPU value would sync)."""
+    if isinstance(x, Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{op}: {name} must be a scalar, got shape {tuple(x.shape)}")
+        if x.device.type != "cpu":
+            raise TypeError(f"{op}: {name} must be a Python number or a CPU tensor (reading a GPU value would sync)")
+        return _opt_float(x)
+    return x
+
+
+def _check_policy_tensors(op: str, logp, old_logp, advantages, token_step, weights, entropy, ref_logp) -> None:
+    guard.tensor(op, "logp", logp, "float", dim=1)
+    for name, t in (("old_logp", old_logp), ("advantages", advantages)):
+        guard.tensor(op, name, t, "float", like=logp, like_name="logp")
+    guard.tensor(op, "token_step", token_step, "int", like=logp, like_name="logp")
+    for name, t in (("weights", weights), ("entropy", entropy), ("ref_logp", ref_logp)):
+        guard.optional(op, name, t, kind="float", like=logp, like_name="logp")
 
 
 @torch.library.custom_op("steppo_fast::policy_loss", mutates_args=())
@@ -28,6 +73,9 @@ def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, token_step:
                  norm_constant: Optional[float], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if agg_mode == "seq-mean-token-sum-norm" and norm_constant is None:  # checked here for every backend
         raise ValueError("agg_mode 'seq-mean-token-sum-norm' needs norm_constant (verl's default: T)")
+    _check_policy_tensors("policy_loss", logp, old_logp, advantages, token_step, weights, entropy, ref_logp)
+    if num_steps < 0:
+        raise ValueError(f"policy_loss: num_steps must be >= 0, got {num_steps}")
     return _run("policy_loss", logp.device, backend, logp, old_logp, advantages, token_step, weights, entropy,
                 ref_logp, num_steps, ratio_level, clip_low, clip_high, dual_clip, agg_mode, entropy_coef, kl_coef,
                 kl_type, global_num_tokens, global_num_steps, norm_constant)
@@ -129,24 +177,34 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, token_step: 
     """The clipped policy loss (SPEC 7) over flat token tensors; differentiable in logp and entropy.
 
     Args:
-        logp, old_logp, advantages: (N,) float; token_step: (N,) int32/int64 step id, -1 off-step.
+        logp, old_logp, advantages: (N,) float; token_step: (N,) int32/int64 step id in
+            [0, num_steps), negative off-step.
         num_steps: S, the number of steps ids in token_step index.
         weights, entropy, ref_logp: optional (N,) float.
+        The options as in ``losses.policy_loss``: checked here (finite numbers in range).
     Returns:
         (loss, metrics): 0-dim loss and a dict of 0-dim metrics named in ``POLICY_METRICS``.
-    No host synchronisation; all arguments are checked in ``losses.check_loss_args``.
+    No host synchronisation. A NaN in any token input gives NaN in the loss, the metrics it enters
+    and the gradient of its step (step ratio) or token (token ratio), on every backend.
     """
-    loss, m, _, _ = _policy_loss(logp, old_logp, advantages, token_step, weights, entropy, ref_logp, int(num_steps),
-                                 ratio_level, float(clip_low), float(clip_high),
-                                 None if dual_clip is None else float(dual_clip), agg_mode, float(entropy_coef),
-                                 float(kl_coef), kl_type, _opt_float(global_num_tokens), _opt_float(global_num_steps),
-                                 _opt_float(norm_constant), backend)
+    o = policy_options("policy_loss", ratio_level, clip_low, clip_high, dual_clip, agg_mode, entropy_coef, kl_coef,
+                       kl_type, global_num_tokens, global_num_steps, norm_constant)
+    num_steps = guard.number("policy_loss", "num_steps", num_steps, 0, integer=True)
+    loss, m, _, _ = _policy_loss(logp, old_logp, advantages, token_step, weights, entropy, ref_logp, num_steps,
+                                 o["ratio_level"], o["clip_low"], o["clip_high"], o["dual_clip"], o["agg_mode"],
+                                 o["entropy_coef"], o["kl_coef"], o["kl_type"], o["global_num_tokens"],
+                                 o["global_num_steps"], o["norm_constant"], backend)
     return loss, dict(zip(POLICY_METRICS, m.detach().unbind(0)))
 
 
 @torch.library.custom_op("steppo_fast::value_loss", mutates_args=())
 def _value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Optional[Tensor], clip: float,
                 backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    op = "value_loss"
+    guard.tensor(op, "values", values, "float")
+    for name, t in (("old_values", old_values), ("returns", returns)):
+        guard.tensor(op, name, t, "float", like=values, like_name="values")
+    guard.optional(op, "mask", mask, kind="mask", like=values, like_name="values")
     return _run("value_loss", values.device, backend, values, old_values, returns, mask, clip)
 
 
@@ -180,8 +238,10 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Option
     """Clipped value loss at step boundaries (SPEC 8): (loss, vf_clipfrac), 0-dim.
 
     Args:
-        values, old_values, returns: (S,) float; mask: (S,) bool or None (all steps).
+        values, old_values, returns: (S,) float; mask: (S,) bool/integer or None (all steps);
+        clip: finite, > 0.
     Differentiable in ``values``.
     """
-    loss, clipfrac, _ = _value_loss(values, old_values, returns, mask, float(clip), backend)
+    clip = guard.number("value_loss", "clip", clip, 0.0, lo_open=True)
+    loss, clipfrac, _ = _value_loss(values, old_values, returns, mask, clip, backend)
     return loss, clipfrac.detach()
