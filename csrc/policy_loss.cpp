@@ -19,6 +19,12 @@ namespace {
 enum Agg : int { kTokenMean = 0, kTokenSum = 1, kSeqMeanTokenMean = 2, kSeqMeanTokenSum = 3, kSeqMeanTokenSumNorm = 4 };
 enum Kl : int { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3 };
 
+// max, min and clamp that return NaN when an argument is NaN, as torch.maximum / minimum / clamp do
+// (std::max and std::min return their first argument when a comparison with NaN fails).
+inline double nan_max(double a, double b) { return std::isnan(a) || std::isnan(b) ? a + b : (a < b ? b : a); }
+inline double nan_min(double a, double b) { return std::isnan(a) || std::isnan(b) ? a + b : (b < a ? b : a); }
+inline double nan_clamp(double x, double lo, double hi) { return nan_min(nan_max(x, lo), hi); }
+
 template <typename T, typename I>
 void run(const T* lp, const T* old, const T* adv, const I* ts, int64_t n, int64_t num_steps, const T* w, const T* ent,
          const T* ref, bool step_level, double clip_low, double clip_high, double dual_clip, int agg,
@@ -32,7 +38,8 @@ void run(const T* lp, const T* old, const T* adv, const I* ts, int64_t n, int64_
   for (int64_t t = 0; t < n; ++t) {
     const int64_t s = static_cast<int64_t>(ts[t]);
     if (s < 0) continue;
-    if (s >= num_steps) throw std::out_of_range("token_step has an id >= num_steps");
+    if (s >= num_steps)
+      bad_index("token_step", t, s, "is not below num_steps (" + std::to_string(num_steps) + ")");
     ++n_tok;
     n_s[s] += 1.0;
     if (step_level) diff_s[s] += static_cast<double>(lp[t]) - static_cast<double>(old[t]);
@@ -64,25 +71,27 @@ void run(const T* lp, const T* old, const T* adv, const I* ts, int64_t n, int64_
     }
     const double x = lp[t], a = adv[t];
     const double diff = x - static_cast<double>(old[t]);
+    // d ratio / d logp is the ratio inside the clamp, ratio * 0 outside: a NaN ratio stays NaN there,
+    // as in the reference.
     double ratio, dratio;
     if (step_level) {
       const double l = diff_s[s] / std::max(n_s[s], 1.0);
-      ratio = std::exp(std::min(l, 10.0));
-      dratio = l <= 10.0 ? ratio : 0.0;
+      ratio = std::exp(nan_min(l, 10.0));
+      dratio = ratio * (l <= 10.0 ? 1.0 : 0.0);
     } else {
-      ratio = std::exp(std::min(std::max(diff, -20.0), 20.0));
-      dratio = (diff >= -20.0 && diff <= 20.0) ? ratio : 0.0;
+      ratio = std::exp(nan_clamp(diff, -20.0, 20.0));
+      dratio = ratio * ((diff >= -20.0 && diff <= 20.0) ? 1.0 : 0.0);
     }
     const double pg1 = -a * ratio;
-    const double pg2 = -a * std::min(std::max(ratio, 1.0 - clip_low), 1.0 + clip_high);
-    double l_tok = std::max(pg1, pg2);
+    const double pg2 = -a * nan_clamp(ratio, 1.0 - clip_low, 1.0 + clip_high);
+    double l_tok = nan_max(pg1, pg2);
     const bool is_clipped = pg2 > pg1;
     double dl = is_clipped ? 0.0 : -a;
     if (has_dual && a < 0) {
       const double pg3 = -a * dual_clip;
       if (l_tok > pg3) lower += 1.0;
       dl *= l_tok < pg3 ? 1.0 : (l_tok == pg3 ? 0.5 : 0.0);  // d min(L, pg3) / dL, ties split
-      l_tok = std::min(l_tok, pg3);
+      l_tok = nan_min(l_tok, pg3);
     }
     if (w) {
       l_tok *= static_cast<double>(w[t]);
@@ -101,11 +110,11 @@ void run(const T* lp, const T* old, const T* adv, const I* ts, int64_t n, int64_
         case kK2: kl = 0.5 * d * d; dkl = d; break;
         default: {
           const double xr = r - x;
-          const double xc = std::min(std::max(xr, -20.0), 20.0);
+          const double xc = nan_clamp(xr, -20.0, 20.0);
           const double raw = std::exp(xc) - xc - 1.0;
-          kl = std::min(std::max(raw, -10.0), 10.0);
+          kl = nan_clamp(raw, -10.0, 10.0);
           const bool inside = xr >= -20.0 && xr <= 20.0 && raw >= -10.0 && raw <= 10.0;
-          dkl = inside ? -(std::exp(xc) - 1.0) : 0.0;
+          dkl = -(std::exp(xc) - 1.0) * (inside ? 1.0 : 0.0);
         }
       }
       kl_sum += kl;
@@ -124,8 +133,8 @@ void run(const T* lp, const T* old, const T* adv, const I* ts, int64_t n, int64_
     clipped += is_clipped ? 1.0 : 0.0;
     neg_kl -= diff;
     r_sum += ratio;
-    r_min = std::min(r_min, ratio);
-    r_max = std::max(r_max, ratio);
+    r_min = nan_min(r_min, ratio);  // a NaN ratio makes both NaN, as torch's min / max do
+    r_max = nan_max(r_max, ratio);
   }
   double loss = pg;
   if (ent && entropy_coef != 0.0) loss -= entropy_coef * ent_term;
