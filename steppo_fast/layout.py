@@ -29,6 +29,7 @@ import torch
 __all__ = ["StepLayout", "step_ids_from_turns"]
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_MAX_STEPS = 2 ** 31 - 1  # global step ids are stored in int32 token_step
 
 
 def _check_int(name: str, t: torch.Tensor) -> None:
@@ -178,7 +179,10 @@ class StepLayout:
             group_id: (B,) integer, the group (task) of each row; all rows of one
                 trajectory must share it. None puts every trajectory in a group of its own.
             validate: check that each trajectory's step indices are exactly 0..K-1,
-                ids are non-negative and groups are consistent (a few syncs on CUDA).
+                ids are non-negative, groups are consistent and a float mask holds no NaN (a few
+                syncs on CUDA). Without it the layout is still well-formed (every index in range):
+                duplicate or missing step indices just order the rows, a trajectory with rows of
+                several groups takes its first row's group, and NaN in a float mask counts as True.
         """
         if not isinstance(response_mask, torch.Tensor):
             raise TypeError(f"response_mask must be a torch.Tensor, got {type(response_mask).__name__}")
@@ -195,6 +199,7 @@ class StepLayout:
         traj = trajectory_id.to(torch.int64)
         k = step_index.to(torch.int64)
         if validate:
+            _check_no_nan("response_mask", response_mask)
             for name, t in (("trajectory_id", traj), ("step_index", k)):
                 bad = t < 0
                 if bool(bad.any()):
@@ -270,7 +275,11 @@ class StepLayout:
             num_steps: optional (B,) integer K of each trajectory. Needed only for
                 steps without agent tokens (which packed rows cannot show); when
                 omitted, K = max step id + 1 and every step 0..K-1 must have a token.
-            validate: check ordering, gaps and non-negative ids (a few syncs on CUDA).
+            validate: check ordering, gaps and non-negative ids (a few syncs on CUDA; memory
+                O(B T) whatever the id values). Whatever it says, the layout is well-formed: a negative
+                num_steps, a step id not below its row's num_steps, or more than 2^31 - 1 steps raise
+                ValueError. Without validation, ids below -1 count as -1, steps out of order along
+                a row or missing in 0..K-1 give a well-formed layout of whatever the ids say.
         """
         _check_int("step_ids", step_ids)
         if step_ids.dim() != 2:
@@ -293,41 +302,54 @@ class StepLayout:
                 r = _first_true(group_id < 0)
                 raise ValueError(f"group_id must be non-negative: trajectory {r} has {int(group_id[r])}")
             if num_steps is not None:
+                if bool((K < 0).any()):
+                    r = _first_true(K < 0)
+                    raise ValueError(f"num_steps must be non-negative: trajectory {r} has {int(K[r])}")
                 over = row_max >= K
                 if bool(over.any()):
                     r = _first_true(over)
                     raise ValueError(f"trajectory {r}: step id {int(row_max[r])} is not below num_steps = {int(K[r])}")
-                if bool((K < 0).any()):
-                    r = _first_true(K < 0)
-                    raise ValueError(f"num_steps must be non-negative: trajectory {r} has {int(K[r])}")
             if T > 0:
+                # Memory and time O(B T), whatever the id values: the running max of the ids before
+                # each token (-1 before the first agent token) is the step the token must equal or follow.
                 prev_max = torch.cummax(sid, dim=1).values
-                back = (sid >= 0) & (sid < prev_max)
+                before = torch.cat([torch.full_like(sid[:, :1], -1), prev_max[:, :-1]], dim=1)
+                back = (sid >= 0) & (sid < before)
                 if bool(back.any()):
                     r = _first_true(back.any(dim=1))
                     raise ValueError(
                         f"trajectory {r}: step ids go backwards along the row (step "
-                        f"{int(sid[r][back[r]][0])} after step {int(prev_max[r][back[r]][0])}); each step's tokens "
+                        f"{int(sid[r][back[r]][0])} after step {int(before[r][back[r]][0])}); each step's tokens "
                         "must come before the next step's"
                     )
-            if num_steps is None and T > 0:
-                kmax = int(K.max())
-                present = torch.zeros(B, kmax + 1, dtype=torch.bool, device=device)
-                active = sid >= 0
-                rows = torch.arange(B, device=device)[:, None].expand(B, T)
-                present[rows[active], sid[active]] = True
-                missing = (~present[:, :kmax]) & (torch.arange(kmax, device=device)[None, :] < K[:, None])
-                if bool(missing.any()):
-                    r = _first_true(missing.any(dim=1))
-                    gap = _first_true(missing[r])
-                    raise ValueError(
-                        f"trajectory {r}: gap in step indices, step {gap} has no agent token but step "
-                        f"{int(K[r]) - 1} does (pass num_steps to declare steps without tokens)"
-                    )
+                if num_steps is None:
+                    gap = sid > before + 1  # ids never decrease along the row, so a jump skips a step
+                    if bool(gap.any()):
+                        r = _first_true(gap.any(dim=1))
+                        t = _first_true(gap[r])
+                        raise ValueError(
+                            f"trajectory {r}: gap in step indices, step {int(before[r, t]) + 1} has no agent token "
+                            f"but step {int(sid[r, t])} does (pass num_steps to declare steps without tokens)"
+                        )
 
         traj_step_offsets = torch.zeros(B + 1, dtype=torch.int64, device=device)
         traj_step_offsets[1:] = torch.cumsum(K, 0)
-        S = int(traj_step_offsets[-1])
+        # What keeps the layout's indices in range is checked whatever `validate` says, in the one
+        # host read that fetches S: counts >= 0, every step id below its trajectory's count, and
+        # global step ids that fit token_step's int32.
+        checks = [traj_step_offsets[-1], K.min()]
+        if num_steps is not None and T > 0 and not validate:
+            checks.append((sid >= K[:, None]).any().to(torch.int64))
+        S, k_min, *over = torch.stack(checks).tolist()
+        if k_min < 0:
+            r = _first_true(K < 0)
+            raise ValueError(f"num_steps must be non-negative: trajectory {r} has {int(K[r])}")
+        if over and over[0]:
+            r = _first_true((sid >= K[:, None]).any(dim=1))
+            raise ValueError(f"trajectory {r}: step id {int(sid[r].max())} is not below num_steps = {int(K[r])}")
+        if S > _MAX_STEPS:
+            raise ValueError(f"the batch has {S} steps; a layout holds at most {_MAX_STEPS} (token_step is int32)"
+                             + ("" if num_steps is not None else ": is a step id far too large?"))
         step_traj = torch.repeat_interleave(torch.arange(B, device=device), K, output_size=S)
         step_pos = torch.arange(S, device=device, dtype=torch.int64) - traj_step_offsets[step_traj]
         token_step = torch.where(sid >= 0, sid + traj_step_offsets[:-1, None], torch.full_like(sid, -1))
@@ -374,6 +396,9 @@ class StepLayout:
             raise ValueError("empty batch: response_mask has 0 rows")
         _check_rows("group_id", group_id, B, step_ids.device, "response_mask")
         if validate:
+            _check_no_nan("response_mask", response_mask)
+            if step_starts is not None:
+                _check_no_nan("step_starts", step_starts)
             empty = (step_ids < 0).all(dim=1)
             if bool(empty.any()):
                 r = _first_true(empty)
@@ -445,6 +470,15 @@ def step_ids_from_turns(response_mask: torch.Tensor, step_starts: Optional[torch
         start = start | (mask & _as_bool_mask("step_starts", step_starts))
     k = torch.cumsum(start, dim=1, dtype=torch.int64) - 1
     return torch.where(mask, k, torch.full_like(k, -1))
+
+
+def _check_no_nan(name: str, mask: torch.Tensor) -> None:
+    """Validation only (one sync): a float mask must not hold NaN (it would count as True)."""
+    if isinstance(mask, torch.Tensor) and mask.is_floating_point():
+        nan = torch.isnan(mask)
+        if bool(nan.any()):
+            r = _first_true(nan.reshape(mask.shape[0], -1).any(dim=1))
+            raise ValueError(f"{name} holds NaN in row {r}; a float mask must hold 0 and 1")
 
 
 def _as_bool_mask(name: str, mask: torch.Tensor) -> torch.Tensor:
