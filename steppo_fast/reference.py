@@ -5,7 +5,9 @@ Conventions:
 * Inputs are flat token tensors (N,) and the pieces of a :class:`~steppo_fast.layout.StepLayout`
   they need, so each kernel backend has the same signature as its reference here.
 * Arithmetic runs in float32, or in float64 when any float input is float64: pass
-  float64 inputs (see :func:`to_fp64`) to get the fp64 oracle.
+  float64 inputs (see :func:`to_fp64`) to get the fp64 oracle. Sums over many tokens (step
+  sums, aggregations, means, whitening moments) accumulate in float64 in either case, as the
+  kernels do, so that the float32 results keep SPEC 9's bound on steps of any length.
 * Non-agent tokens (``token_step == -1`` or ``mask == False``) get 0 in every token output.
 * Readability wins over speed, but no function loops over rows or tokens in Python;
   the recurrences loop over the step (or token) position, vectorised over trajectories.
@@ -44,15 +46,27 @@ def to_fp64(*tensors: Optional[Tensor]):
     return out[0] if len(out) == 1 else out
 
 
-def _index_sum(values: Tensor, index: Tensor, size: int) -> Tensor:
-    """out[i] = sum of values[j] with index[j] == i (index >= 0 only)."""
-    out = torch.zeros(size, dtype=values.dtype, device=values.device)
+def _index_sum64(values: Tensor, index: Tensor, size: int) -> Tensor:
+    """out[i] = sum of values[j] with index[j] == i (index >= 0 only), accumulated and returned in
+    float64 (float inputs; others in their own dtype)."""
+    acc = torch.float64 if values.is_floating_point() else values.dtype
+    out = torch.zeros(size, dtype=acc, device=values.device)
     if size == 0 or values.numel() == 0:
         return out
     # No boolean indexing (it would synchronise with the host): off-step entries add 0 to row 0.
     keep = index >= 0
-    vals = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    vals = torch.where(keep, values.to(acc), torch.zeros((), dtype=acc, device=values.device))
     return out.index_add_(0, index.clamp(min=0).long(), vals)
+
+
+def _index_sum(values: Tensor, index: Tensor, size: int) -> Tensor:
+    """:func:`_index_sum64` rounded to values' dtype."""
+    return _index_sum64(values, index, size).to(values.dtype)
+
+
+def _sum64(x: Tensor) -> Tensor:
+    """Sum of all entries, accumulated in float64, in x's dtype."""
+    return x.sum(dtype=torch.float64).to(x.dtype)
 
 
 def _padded(offsets: Tensor) -> Tuple[Tensor, Tensor]:
@@ -201,9 +215,10 @@ def whiten_steps(x: Tensor) -> Tensor:
     x = x.to(dt)
     if x.numel() == 0:
         return x.clone()
-    mean = x.mean()
-    std = x.std(unbiased=True) if x.numel() >= 2 else torch.zeros((), dtype=dt, device=x.device)
-    return (x - mean) / (std + WHITEN_STEP_EPS)
+    x64 = x.double()
+    mean = x64.mean()
+    std = x64.std(unbiased=True) if x.numel() >= 2 else torch.zeros((), dtype=torch.float64, device=x.device)
+    return ((x64 - mean) / (std + WHITEN_STEP_EPS)).to(dt)
 
 
 def whiten_tokens(x: Tensor, mask: Tensor) -> Tensor:
@@ -218,10 +233,10 @@ def whiten_tokens(x: Tensor, mask: Tensor) -> Tensor:
     zero = torch.zeros((), dtype=dt, device=x.device)
     if n == 0:
         return torch.zeros_like(x)
-    sel = x[m]
+    sel = x[m].double()
     mean = sel.mean()
-    var = sel.var(unbiased=True) if n >= 2 else zero
-    return torch.where(m, (x - mean) * torch.rsqrt(var + WHITEN_TOKEN_EPS), zero)
+    var = sel.var(unbiased=True) if n >= 2 else torch.zeros((), dtype=torch.float64, device=x.device)
+    return torch.where(m, ((x.double() - mean) * torch.rsqrt(var + WHITEN_TOKEN_EPS)).to(dt), zero)
 
 
 # ---------------------------------------------------------- SPEC 5: token GAE
@@ -276,9 +291,10 @@ def group_normalize(x: Tensor, group: Tensor, norm: str = "mean_std", singleton:
     "rloo" (n x - sum) / (n - 1). A group of one is read as mean 0, std 1
     (``singleton="unit"``: GRPO, RLOO) or gives 0 (``"zero"``: GiGPO step groups).
     """
-    x = x.to(acc_dtype(x))
+    dt = acc_dtype(x)
     if x.numel() == 0:
-        return x.clone()
+        return x.to(dt).clone()
+    x = x.double()  # group sums in float64, the result in dt
     n, mean, std = _group_stats(x, group)
     if norm == "mean_std":
         out, single_out = (x - mean) / (std + eps), x / (1.0 + eps)
@@ -290,7 +306,7 @@ def group_normalize(x: Tensor, group: Tensor, norm: str = "mean_std", singleton:
         raise ValueError(f"norm must be one of ('mean_std', 'mean', 'rloo'), got {norm!r}")
     if singleton == "zero":
         single_out = torch.zeros_like(x)
-    return torch.where(n < 2, single_out, out)
+    return torch.where(n < 2, single_out, out).to(dt)
 
 
 def grpo(scores: Tensor, traj_group: Tensor, norm_by_std: bool = True, eps: float = GROUP_EPS) -> Tensor:
@@ -377,29 +393,34 @@ def aggregate(values: Tensor, token_step: Tensor, num_steps: int, agg_mode: str,
     """
     if agg_mode not in AGG_MODES:
         raise ValueError(f"agg_mode must be one of {AGG_MODES}, got {agg_mode!r}")
+    if agg_mode == "seq-mean-token-sum-norm" and norm_constant is None:
+        raise ValueError("agg_mode 'seq-mean-token-sum-norm' needs norm_constant (verl's default: T)")
     m = token_step >= 0
-    x = torch.where(m, values, torch.zeros_like(values))
+    dt = values.dtype
+    x = torch.where(m, values, torch.zeros_like(values)).double()  # sums in float64, result in dt
     if agg_mode == "token-sum":
-        return x.sum()
+        return x.sum().to(dt)
     if agg_mode == "token-mean":
-        n_tok = m.sum().to(x.dtype) if global_num_tokens is None else torch.as_tensor(global_num_tokens, dtype=x.dtype)
-        return x.sum() / n_tok.clamp(min=1)
-    per_step = _index_sum(x, token_step, num_steps)
-    n_s = _index_sum(m.to(x.dtype), token_step, num_steps)
+        n_tok = m.sum().double() if global_num_tokens is None else torch.as_tensor(global_num_tokens,
+                                                                                   dtype=torch.float64)
+        return (x.sum() / n_tok.clamp(min=1)).to(dt)
+    per_step = _index_sum64(x, token_step, num_steps)
+    n_s = _index_sum64(m.double(), token_step, num_steps)
     has = n_s > 0
-    s_prime = has.sum().to(x.dtype) if global_num_steps is None else torch.as_tensor(global_num_steps, dtype=x.dtype)
+    s_prime = has.sum().double() if global_num_steps is None else torch.as_tensor(global_num_steps,
+                                                                                  dtype=torch.float64)
     if agg_mode == "seq-mean-token-mean":
         per_step = per_step / (n_s + 1e-8)
     out = torch.where(has, per_step, torch.zeros_like(per_step)).sum() / s_prime.clamp(min=1)
     if agg_mode == "seq-mean-token-sum-norm":
-        if norm_constant is None:
-            raise ValueError("agg_mode 'seq-mean-token-sum-norm' needs norm_constant (verl's default: T)")
         out = out / norm_constant
-    return out
+    return out.to(dt)
 
 
 def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
-    return torch.where(m, x, torch.zeros_like(x)).sum() / m.sum().clamp(min=1).to(x.dtype)
+    """Mean of x over m, summed in float64, in x's dtype."""
+    s = torch.where(m, x, torch.zeros_like(x)).sum(dtype=torch.float64)
+    return (s / m.sum().clamp(min=1).double()).to(x.dtype)
 
 
 def _log_ratios(logp, old_logp, advantages, token_step, num_steps, ratio_level):
@@ -410,9 +431,10 @@ def _log_ratios(logp, old_logp, advantages, token_step, num_steps, ratio_level):
     m = token_step >= 0
     diff = torch.where(m, lp - old, torch.zeros((), dtype=dt, device=lp.device))
     l_tok = None
-    if ratio_level == "step":
-        n_s = _index_sum(m.to(dt), token_step, num_steps)
-        l_tok = broadcast_to_tokens(_index_sum(diff, token_step, num_steps) / n_s.clamp(min=1), token_step)
+    if ratio_level == "step":  # the step mean in float64, then rounded once
+        n_s = _index_sum64(m.double(), token_step, num_steps)
+        l_s = (_index_sum64(diff, token_step, num_steps) / n_s.clamp(min=1)).to(dt)
+        l_tok = broadcast_to_tokens(l_s, token_step)
     return dt, lp, adv, m, diff, l_tok
 
 
