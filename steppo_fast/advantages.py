@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import ops
 from . import reference as ref
+from .ops import _guards
 from .layout import StepLayout, _flat_tokens
 
 ESTIMATORS = ("step_gae", "token_gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gigpo")
@@ -48,12 +49,19 @@ def _check_float(name: str, t: Tensor, shape, device) -> Tensor:
     return t
 
 
+def _check_layout(where: str, layout) -> StepLayout:
+    if not isinstance(layout, StepLayout):
+        raise TypeError(f"{where}: layout must be a StepLayout, got {type(layout).__name__}")
+    return layout
+
+
 def step_rewards(layout: StepLayout, token_rewards: Tensor, backend: str = "auto") -> Tensor:
     """(S,) step rewards: the sum of each step's agent-token rewards (SPEC 3).
 
     Args:
         token_rewards: (B, T) or (N,) float on the layout's device.
     """
+    _check_layout("step_rewards", layout)
     r = _flat_tokens("token_rewards", token_rewards, layout)
     if not r.is_floating_point():
         raise TypeError(f"token_rewards must be a float tensor, got {r.dtype}")
@@ -62,6 +70,8 @@ def step_rewards(layout: StepLayout, token_rewards: Tensor, backend: str = "auto
 
 def trajectory_scores(layout: StepLayout, step_rewards: Tensor, backend: str = "auto") -> Tensor:
     """(R,) trajectory scores G = sum_k r_k (a segment sum over each trajectory's steps)."""
+    _check_layout("trajectory_scores", layout)
+    _check_float("step_rewards", step_rewards, (layout.num_steps,), layout.device)
     steps = torch.arange(layout.num_steps, device=layout.device, dtype=torch.int64)
     step_traj32 = layout.step_traj.to(torch.int32)
     return ops.step_rewards(step_rewards, step_traj32, steps, layout.traj_step_offsets, backend)
@@ -73,6 +83,8 @@ def token_rewards_from_steps(layout: StepLayout, step_rewards: Tensor) -> Tensor
     Steps without agent tokens have no token to carry their reward; token-level
     estimators therefore ignore those rewards.
     """
+    _check_layout("token_rewards_from_steps", layout)
+    _check_float("step_rewards", step_rewards, (layout.num_steps,), layout.device)
     out = torch.zeros(layout.num_tokens, dtype=step_rewards.dtype, device=step_rewards.device)
     if layout.num_active_tokens == 0:
         return out
@@ -110,17 +122,24 @@ def compute(
         values: (B, T) or (N,) token-aligned critic values (verl's convention); step
             estimators read V_k at each step's first agent token. ``step_values`` (S,)
             gives them directly. Needed by step_gae and token_gae (token values only).
-        gamma, lam: discount and GAE lambda.
+        gamma, lam: discount and GAE lambda, finite, in [0, 1].
         whiten: whiten step_gae / token_gae advantages (SPEC 4, 5).
         norm_by_std: grpo divides by the group std (False: Dr. GRPO).
         anchor_keys: (S,) integer anchor-state key of each step (gigpo).
-        step_weight, gigpo_mode: GiGPO's w and "mean_norm" / "mean_std_norm".
+        step_weight, gigpo_mode: GiGPO's w (finite) and "mean_norm" / "mean_std_norm".
         process_group: whiten with statistics all-reduced over this group (True: default group).
     Returns:
         :class:`Advantages`; token tensors have the layout's (B, T) shape.
     """
-    if estimator not in ESTIMATORS:
+    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    where = "compute_advantages"
+    _check_layout(where, layout)
+    gamma = _guards.number(where, "gamma", gamma, 0.0, 1.0)
+    lam = _guards.number(where, "lam", lam, 0.0, 1.0)
+    step_weight = _guards.number(where, "step_weight", step_weight)
+    whiten = _guards.flag(where, "whiten", whiten)
+    norm_by_std = _guards.flag(where, "norm_by_std", norm_by_std)
     if (token_rewards is None) == (step_rewards is None):
         raise ValueError("give exactly one of token_rewards (B, T) and step_rewards (S,)")
     dev = layout.device

@@ -7,6 +7,7 @@ the optional label-range validation live here; the math is the registry's
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -19,6 +20,9 @@ MaskOrLayout = Union[None, Tensor, StepLayout]
 
 
 def _mask_for(mask_or_layout: MaskOrLayout, lead_shape, device) -> Tensor:
+    """The (N,) bool mask of the tokens to compute. A layout must describe exactly the tokens'
+    shape, (B, T) or (N,): a (T, B) tensor with a (B, T) layout is refused, not reinterpreted.
+    A float mask is read as mask != 0 (NaN entries are refused by ``_check_labels`` when validating)."""
     n = 1
     for d in lead_shape:
         n *= d
@@ -26,8 +30,9 @@ def _mask_for(mask_or_layout: MaskOrLayout, lead_shape, device) -> Tensor:
         return torch.ones(n, dtype=torch.bool, device=device)
     if isinstance(mask_or_layout, StepLayout):
         lay = mask_or_layout
-        if lay.num_tokens != n:
-            raise ValueError(f"the layout describes {lay.token_shape} tokens but the logits have {tuple(lead_shape)}")
+        if tuple(lead_shape) not in (tuple(lay.token_shape), (lay.num_tokens,)):
+            raise ValueError(f"the layout describes {tuple(lay.token_shape)} tokens but the leading shape is "
+                             f"{tuple(lead_shape)}; it must be {tuple(lay.token_shape)} or ({lay.num_tokens},)")
         if lay.device != device:
             raise ValueError(f"the layout is on {lay.device} but the logits are on {device}")
         return lay.token_mask
@@ -38,10 +43,15 @@ def _mask_for(mask_or_layout: MaskOrLayout, lead_shape, device) -> Tensor:
         raise ValueError(f"mask must have shape {tuple(lead_shape)}, got {tuple(m.shape)}")
     if m.device != device:
         raise ValueError(f"mask is on {m.device} but the logits are on {device}")
+    if m.is_complex():
+        raise TypeError(f"mask must be a bool, integer or float tensor, got {m.dtype}")
     return (m if m.dtype == torch.bool else m != 0).reshape(-1)
 
 
-def _check_labels(labels: Tensor, lead_shape, device, vocab: int, mask: Tensor, validate: bool) -> Tensor:
+def _check_labels(labels: Tensor, lead_shape, device, vocab: int, mask: Tensor, validate: bool,
+                  raw_mask=None) -> Tensor:
+    """labels (lead_shape) int32/int64 on ``device``, flattened. With ``validate``, one host sync
+    checks that every masked-in label lies in [0, vocab) and that a float ``raw_mask`` holds no NaN."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
     if labels.dtype not in (torch.int32, torch.int64):
@@ -51,9 +61,15 @@ def _check_labels(labels: Tensor, lead_shape, device, vocab: int, mask: Tensor, 
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but the logits are on {device}")
     y = labels.reshape(-1)
-    if validate and y.numel():
+    nan_mask = isinstance(raw_mask, Tensor) and raw_mask.is_floating_point()
+    if validate and (y.numel() or nan_mask):
         bad = mask & ((y < 0) | (y >= vocab))
-        if bool(bad.any()):  # one sync; validate=False skips it
+        flags = torch.stack([bad.any(), torch.isnan(raw_mask).any() if nan_mask else bad.new_zeros(())])
+        bad_label, bad_mask = flags.tolist()  # one sync; validate=False skips it
+        if bad_mask:
+            i = int(torch.nonzero(torch.isnan(raw_mask.reshape(-1)))[0, 0])
+            raise ValueError(f"mask holds NaN at token {i}; a float mask must hold 0 and 1")
+        if bad_label:
             i = int(torch.nonzero(bad)[0, 0])
             raise ValueError(f"labels out of range [0, {vocab}) at masked-in token {i}: {int(y[i])}")
     return y
@@ -66,8 +82,9 @@ def _is_dtensor(t) -> bool:
 
 
 def _check_temperature(temperature: float) -> float:
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    """A finite number > 0 (not a bool)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a number > 0 (finite, not a bool), got {temperature!r}")
     return float(temperature)
 
 
@@ -90,8 +107,8 @@ def token_logprobs(logits: Tensor, labels: Tensor, mask_or_layout: MaskOrLayout 
         inplace_backward: write dL/dlogits into the logits buffer instead of a new N x V tensor.
             Only when nothing else needs the logits after this call (autograd raises if another
             op saved them).
-        validate: check masked-in labels lie in [0, V) (one host sync). Without it, a bad label
-            gives NaN in its row; nothing outside the row is read.
+        validate: check masked-in labels lie in [0, V) and a float mask holds no NaN (one host
+            sync). Without it, a bad label gives NaN in its row; nothing outside the row is read.
     Returns:
         (logp, entropy) shaped like labels, float32 (float64 for float64 logits), 0 on
         masked-out tokens. Differentiable in logits.
@@ -108,7 +125,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, mask_or_layout: MaskOrLayout 
     tau = _check_temperature(temperature)
     lead, vocab = tuple(logits.shape[:-1]), logits.shape[-1]
     mask = _mask_for(mask_or_layout, lead, logits.device)
-    y = _check_labels(labels, lead, logits.device, vocab, mask, validate)
+    y = _check_labels(labels, lead, logits.device, vocab, mask, validate, mask_or_layout)
     if not y.is_contiguous():
         y = y.contiguous()
     logp, ent = ops.token_logprobs(logits, y, mask, tau, with_entropy, inplace_backward, backend)
@@ -187,7 +204,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask_o
     chunk = _check_chunk(chunk)
     lead = tuple(hidden.shape[:-1])
     mask = _mask_for(mask_or_layout, lead, hidden.device)
-    y = _check_labels(labels, lead, hidden.device, weight.shape[0], mask, validate)
+    y = _check_labels(labels, lead, hidden.device, weight.shape[0], mask, validate, mask_or_layout)
     rows = _rows_for(mask_or_layout, mask)
     h = hidden.reshape(-1, hidden.shape[-1])
     logp, ent = ops.linear_token_logprobs(h, weight, y.contiguous(), rows, tau, bias, with_entropy, chunk,

@@ -7,7 +7,6 @@ step ids, and name the metrics. Nothing here synchronises with the host.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -15,7 +14,6 @@ import torch
 from torch import Tensor
 
 from . import ops
-from . import reference as ref
 from .layout import StepLayout, step_ids_from_turns
 
 MaskOrLayout = Union[Tensor, StepLayout]
@@ -24,15 +22,18 @@ MaskOrLayout = Union[Tensor, StepLayout]
 MASK_STEPS = ("rows", "turns")
 
 
-def token_steps(mask_or_layout: MaskOrLayout, shape, mask_steps: str = "rows") -> Tuple[Tensor, int, int]:
-    """(token_step (N,), number of steps, T) for a layout or a mask.
+def token_steps(mask_or_layout: MaskOrLayout, shape,
+                mask_steps: str = "rows") -> Tuple[Tensor, int, int, Optional[Tensor]]:
+    """(token_step (N,), number of steps, T, poison) for a layout or a mask.
 
     A 2-D mask (B, T) makes every row one step (verl's "sequence", ``mask_steps="rows"``) or
     every maximal run of True in a row one step (``mask_steps="turns"``: one row per trajectory,
     turns separated by tool or observation tokens). A 1-D mask (N,) is one step holding every
     masked-in token. Turn ids are computed on the device with no host synchronisation: the turn
     k of row b gets id ``b * ceil(T / 2) + k`` and the step count is that upper bound; ids no
-    token carries are steps without tokens, which no aggregation counts.
+    token carries are steps without tokens, which no aggregation counts. ``poison`` is None, or
+    for a float mask a 0-dim tensor that is NaN when the mask holds a NaN and 0 otherwise (see
+    :func:`_as_mask`).
     """
     if mask_steps not in MASK_STEPS:
         raise ValueError(f"mask_steps must be one of {MASK_STEPS}, got {mask_steps!r}")
@@ -41,13 +42,13 @@ def token_steps(mask_or_layout: MaskOrLayout, shape, mask_steps: str = "rows") -
         B, T = lay.token_shape
         if tuple(shape) not in ((B, T), (B * T,)):
             raise ValueError(f"logp must have the layout's token shape ({B}, {T}) or ({B * T},), got {tuple(shape)}")
-        return lay.token_step, lay.num_steps, T
+        return lay.token_step, lay.num_steps, T, None
     if not isinstance(mask_or_layout, Tensor):
         raise TypeError(f"mask_or_layout must be a bool tensor or a StepLayout, got {type(mask_or_layout).__name__}")
     m = mask_or_layout
     if tuple(m.shape) != tuple(shape):
         raise ValueError(f"mask must have the shape of logp {tuple(shape)}, got {tuple(m.shape)}")
-    m = m.bool() if m.dtype != torch.bool else m
+    m, poison = _as_mask("mask", m)
     if mask_steps == "turns":
         if m.dim() != 2:
             raise ValueError(f"mask_steps='turns' needs a (B, T) mask, got shape {tuple(m.shape)}")
@@ -56,51 +57,66 @@ def token_steps(mask_or_layout: MaskOrLayout, shape, mask_steps: str = "rows") -
         k = step_ids_from_turns(m)
         dt = torch.int32 if B * per_row < 2**31 else torch.int64
         base = torch.arange(B, device=m.device, dtype=torch.int64)[:, None] * per_row
-        return torch.where(k >= 0, k + base, torch.full_like(k, -1)).to(dt).reshape(-1), B * per_row, T
+        return (torch.where(k >= 0, k + base, torch.full_like(k, -1)).to(dt).reshape(-1), B * per_row, T,
+                poison)
     if m.dim() == 2:
         B, T = m.shape
         rows = torch.arange(B, device=m.device, dtype=torch.int32)[:, None].expand(B, T)
-        return torch.where(m, rows, torch.full_like(rows, -1)).reshape(-1), B, T
+        return torch.where(m, rows, torch.full_like(rows, -1)).reshape(-1), B, T, poison
     if m.dim() == 1:
-        return torch.where(m, 0, -1).to(torch.int32), 1, m.shape[0]
+        return torch.where(m, 0, -1).to(torch.int32), 1, m.shape[0], poison
     raise ValueError(f"mask must be 1-D or 2-D, got shape {tuple(m.shape)}")
 
 
+def _as_mask(name: str, m) -> Tuple[Tensor, Optional[Tensor]]:
+    """(bool mask, poison): a bool, integer or float mask read as ``m != 0``.
+
+    The losses never synchronise with the host, so a NaN in a float mask cannot raise here;
+    instead ``poison`` (NaN if any entry is NaN, else 0; no synchronisation) is added to the
+    loss and its metrics, which all become NaN. Bool and integer masks give ``poison = None``.
+    """
+    if not isinstance(m, Tensor):
+        raise TypeError(f"{name} must be a bool, integer or float tensor, got {type(m).__name__}")
+    if m.dtype == torch.bool:
+        return m, None
+    if m.is_floating_point():
+        return m != 0, torch.where(torch.isnan(m).any(), float("nan"), 0.0).to(m.dtype)
+    if m.is_complex():
+        raise TypeError(f"{name} must be a bool, integer or float tensor, got {m.dtype}")
+    return m != 0, None
+
+
+def _poisoned(loss: Tensor, metrics: Dict[str, Tensor], poison: Optional[Tensor]):
+    if poison is None:
+        return loss, metrics
+    p = poison.to(loss.dtype)
+    return loss + p, {k: v + p.to(v.dtype) for k, v in metrics.items()}
+
+
 def check_loss_args(ratio_level: str, clip_low: float, clip_high: float, dual_clip: Optional[float],
-                    agg_mode: str, kl_type: str) -> None:
-    """Raises ValueError naming the first bad loss option."""
-    if ratio_level not in ref.RATIO_LEVELS:
-        raise ValueError(f"ratio_level must be one of {ref.RATIO_LEVELS}, got {ratio_level!r}")
-    if agg_mode not in ref.AGG_MODES:
-        raise ValueError(f"agg_mode must be one of {ref.AGG_MODES}, got {agg_mode!r}")
-    if kl_type not in ref.KL_TYPES:
-        raise ValueError(f"kl_type must be one of {ref.KL_TYPES}, got {kl_type!r}")
-    if not clip_low > 0:
-        raise ValueError(f"clip_low must be > 0, got {clip_low}")
-    if not clip_high > 0:
-        raise ValueError(f"clip_high must be > 0, got {clip_high}")
-    if dual_clip is not None and not dual_clip > 1:
-        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+                    agg_mode: str, kl_type: str, entropy_coef: float = 0.0, kl_coef: float = 0.0,
+                    global_num_tokens=None, global_num_steps=None, norm_constant=None,
+                    where: str = "policy_loss") -> Dict[str, Any]:
+    """The loss options checked and converted (``ops.losses.policy_options``): raises TypeError /
+    ValueError naming ``where`` and the first bad option. Counts given as CPU tensors are read."""
+    return ops.losses.policy_options(where, ratio_level, clip_low, clip_high, dual_clip, agg_mode, entropy_coef,
+                                     kl_coef, kl_type, global_num_tokens, global_num_steps, norm_constant)
 
 
-def _check_tok(name: str, t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+def _check_tok(name: str, t: Optional[Tensor], like: Tensor, like_name: str = "logp",
+               required: bool = False) -> Optional[Tensor]:
     if t is None:
+        if required:
+            raise TypeError(f"{name} must be a float tensor of the shape of {like_name} {tuple(like.shape)}, got None")
         return None
     if not isinstance(t, Tensor) or not t.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor")
+        what = type(t).__name__ if not isinstance(t, Tensor) else t.dtype
+        raise TypeError(f"{name} must be a float tensor, got {what}")
     if t.shape != like.shape:
-        raise ValueError(f"{name} must have the shape of logp {tuple(like.shape)}, got {tuple(t.shape)}")
+        raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(t.shape)}")
     if t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but logp is on {like.device}")
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
     return t.reshape(-1)
-
-
-def _host_number(name: str, x):
-    if isinstance(x, Tensor):
-        if x.device.type != "cpu":
-            raise TypeError(f"{name} must be a Python number or a CPU tensor (reading a GPU value would sync)")
-        return float(x)
-    return x
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask_or_layout: MaskOrLayout,
@@ -125,28 +141,31 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask_or_layo
         norm_constant: divisor of "seq-mean-token-sum-norm" (default T).
         mask_steps: for a 2-D mask, "rows" (each row is one step) or "turns" (each maximal run of
             True in a row is one step, as in one row per multi-turn trajectory; see ``token_steps``).
+        All options are checked: numbers finite and in range (clip_low, clip_high > 0,
+        dual_clip > 1, counts and norm_constant > 0), strings among their choices.
     Returns:
         (loss, metrics): 0-dim loss and 0-dim metrics pg_loss, pg_clipfrac, pg_clipfrac_lower,
-        ppo_kl, ratio_mean, ratio_min, ratio_max, entropy, kl.
+        ppo_kl, ratio_mean, ratio_min, ratio_max, entropy, kl. A NaN in a token input gives a NaN
+        loss (and NaN in the gradient of the tokens it reaches); a NaN in a float mask makes the
+        loss and every metric NaN (no host synchronisation to raise instead).
     """
-    check_loss_args(ratio_level, clip_low, clip_high, dual_clip, agg_mode, kl_type)
+    opts = check_loss_args(ratio_level, clip_low, clip_high, dual_clip, agg_mode, kl_type, entropy_coef, kl_coef,
+                           global_num_tokens, global_num_steps, norm_constant)
     if not isinstance(logp, Tensor) or not logp.is_floating_point():
-        raise TypeError("logp must be a float tensor")
-    token_step, num_steps, T = token_steps(mask_or_layout, logp.shape, mask_steps)
+        raise TypeError(f"logp must be a float tensor, got {getattr(logp, 'dtype', type(logp).__name__)}")
+    token_step, num_steps, T, poison = token_steps(mask_or_layout, logp.shape, mask_steps)
     if token_step.device != logp.device:
         raise ValueError(f"mask_or_layout is on {token_step.device} but logp is on {logp.device}")
-    old = _check_tok("old_logp", old_logp, logp)
-    adv = _check_tok("advantages", advantages, logp)
+    old = _check_tok("old_logp", old_logp, logp, required=True)
+    adv = _check_tok("advantages", advantages, logp, required=True)
     w = _check_tok("weights", weights, logp)
     ent = _check_tok("entropy", entropy, logp)
     rl = _check_tok("ref_logp", ref_logp, logp)
-    if norm_constant is None and agg_mode == "seq-mean-token-sum-norm":
-        norm_constant = T
-    return ops.policy_loss(logp.reshape(-1), old, adv, token_step, num_steps, ratio_level, clip_low, clip_high,
-                           dual_clip, agg_mode, w, ent, entropy_coef, rl, kl_coef, kl_type,
-                           _host_number("global_num_tokens", global_num_tokens),
-                           _host_number("global_num_steps", global_num_steps),
-                           _host_number("norm_constant", norm_constant), backend)
+    if opts["norm_constant"] is None and agg_mode == "seq-mean-token-sum-norm":
+        opts["norm_constant"] = T
+    loss, metrics = ops.policy_loss(logp.reshape(-1), old, adv, token_step, num_steps, weights=w, entropy=ent,
+                                    ref_logp=rl, backend=backend, **opts)
+    return _poisoned(loss, metrics, poison)
 
 
 @dataclass(frozen=True)
@@ -174,9 +193,11 @@ class LossConfig:
     PRESETS = ("steppo", "ppo")
 
     def __post_init__(self):
-        check_loss_args(self.ratio_level, self.clip_low, self.clip_high, self.dual_clip, self.agg_mode, self.kl_type)
-        for name in ("global_num_tokens", "global_num_steps", "norm_constant"):
-            object.__setattr__(self, name, _host_number(name, getattr(self, name)))
+        opts = check_loss_args(self.ratio_level, self.clip_low, self.clip_high, self.dual_clip, self.agg_mode,
+                               self.kl_type, self.entropy_coef, self.kl_coef, self.global_num_tokens,
+                               self.global_num_steps, self.norm_constant, where="LossConfig")
+        for name, value in opts.items():  # host floats from here on (CPU tensors read once)
+            object.__setattr__(self, name, value)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LossConfig":
@@ -260,11 +281,12 @@ def linear_steppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, layout: U
                              f"got shape {tuple(layout.shape)}")
         B = layout.shape[0]
         rows_id = torch.arange(B, device=layout.device)
-        layout = StepLayout.from_step_rows(layout, rows_id, torch.zeros_like(rows_id), validate=False)
+        layout = StepLayout.from_step_rows(layout, rows_id, torch.zeros_like(rows_id), validate=validate)
     if not isinstance(layout, StepLayout):
         raise TypeError(f"layout must be a StepLayout or a (B, T) bool mask, got {type(layout).__name__}")
-    if layout.num_tokens != math.prod(lead):
-        raise ValueError(f"the layout describes {layout.token_shape} tokens but hidden has leading shape {lead}")
+    if lead not in (tuple(layout.token_shape), (layout.num_tokens,)):
+        raise ValueError(f"the layout describes {tuple(layout.token_shape)} tokens but hidden has leading shape "
+                         f"{lead}; it must be {tuple(layout.token_shape)} or ({layout.num_tokens},)")
     if layout.device != hidden.device:
         raise ValueError(f"the layout is on {layout.device} but hidden is on {hidden.device}")
     mask = layout.token_mask
@@ -272,12 +294,9 @@ def linear_steppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, layout: U
     flat_like = torch.empty(layout.num_tokens, device=hidden.device)
     per_token = {}
     for name, t in (("old_logp", old_logp), ("advantages", advantages), ("weights", weights), ("ref_logp", ref_logp)):
-        if t is None:
-            per_token[name] = None
-            continue
         if isinstance(t, Tensor) and tuple(t.shape) == lead:
             t = t.reshape(-1)
-        per_token[name] = _check_tok(name, t, flat_like)
+        per_token[name] = _check_tok(name, t, flat_like, "the tokens", required=name in ("old_logp", "advantages"))
     rows = layout.step_tokens
     gathered = {k: (None if v is None else v.index_select(0, rows)) for k, v in per_token.items()}
     token_step = layout.token_step.index_select(0, rows)
@@ -319,17 +338,26 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Option
 
     Args:
         values: (S,) float, the critic's prediction at each step (differentiable).
-        old_values, returns: (S,) float; mask: optional (S,) bool of the steps that count.
+        old_values, returns: (S,) float; mask: optional (S,) bool (or integer / float 0-1) of the
+            steps that count; a NaN in a float mask makes both outputs NaN.
+        clip: finite, > 0.
     """
     if not isinstance(values, Tensor) or not values.is_floating_point():
-        raise TypeError("values must be a float tensor")
+        raise TypeError(f"values must be a float tensor, got {getattr(values, 'dtype', type(values).__name__)}")
     for name, t in (("old_values", old_values), ("returns", returns)):
-        _check_tok(name, t, values)
-    if mask is not None and mask.shape != values.shape:
-        raise ValueError(f"mask must have the shape of values {tuple(values.shape)}, got {tuple(mask.shape)}")
-    if not clip > 0:
-        raise ValueError(f"clip must be > 0, got {clip}")
-    return ops.value_loss(values, old_values, returns, mask, clip, backend)
+        _check_tok(name, t, values, "values", required=True)
+    poison = None
+    if mask is not None:
+        mask, poison = _as_mask("mask", mask)
+        if mask.shape != values.shape:
+            raise ValueError(f"mask must have the shape of values {tuple(values.shape)}, got {tuple(mask.shape)}")
+        if mask.device != values.device:
+            raise ValueError(f"mask is on {mask.device} but values are on {values.device}")
+    clip = ops._guards.number("value_loss", "clip", clip, 0.0, lo_open=True)
+    loss, clipfrac = ops.value_loss(values, old_values, returns, mask, clip, backend)
+    if poison is None:
+        return loss, clipfrac
+    return loss + poison.to(loss.dtype), clipfrac + poison.to(clipfrac.dtype)
 
 
 class StepPOLoss(torch.nn.Module):
@@ -370,9 +398,9 @@ class StepPOLoss(torch.nn.Module):
         if isinstance(config, str):
             config = LossConfig.preset(config)
         self.config = LossConfig.of(config)
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-        self.temperature = float(temperature)
+        from .logprob import _check_temperature
+
+        self.temperature = _check_temperature(temperature)
         self.chunk = chunk
         self.validate = bool(validate)
         self.backend = backend
