@@ -343,3 +343,22 @@ def test_opcheck_cpp_and_inplace_variant():
     args = (y, m, lp, ent, lse, torch.randn(6), torch.randn(6), 0.8, True, "cpp")
     torch.library.opcheck(torch.ops.steppo_fast.token_logprobs_backward.default, (z.detach(), *args))
     torch.library.opcheck(torch.ops.steppo_fast.token_logprobs_backward_.default, (z.detach().clone(), *args))
+
+
+@pytest.mark.parametrize("backend", BACKENDS + [pytest.param(("reference", "cpu"), id="reference")])
+def test_inplace_backward_refuses_overlapping_logits(backend):
+    """Rows that share memory (an expanded view) cannot take an in-place gradient: every backend
+    refuses them with the same ValueError, before any work; a contiguous copy works."""
+    name, device = backend
+    leaf = torch.randn(1, 11, device=device, requires_grad=True)
+    y = torch.randint(0, 11, (6,), device=device)
+    with pytest.raises(ValueError, match="logits has elements that share memory"):
+        token_logprobs((leaf * 1.0).expand(6, 11), y, inplace_backward=True, backend=name)
+    with pytest.raises(ValueError, match="share memory"):
+        token_logprobs((leaf * 1.0).expand(2, 3, 11), y.reshape(2, 3), inplace_backward=True, backend=name)
+    lp, ent = token_logprobs((leaf * 1.0).expand(6, 11).contiguous(), y, inplace_backward=True, backend=name)
+    (lp.sum() + ent.sum()).backward()
+    x64 = leaf.detach().double().expand(6, 11).clone().requires_grad_(True)
+    lp64, ent64 = ref.token_logprobs(x64, y.cpu())
+    (g64,) = torch.autograd.grad(lp64.sum() + ent64.sum(), [x64])
+    assert_close(leaf.grad, g64.sum(0, keepdim=True), torch.float32)
