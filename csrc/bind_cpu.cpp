@@ -33,16 +33,18 @@ PYBIND11_MODULE(_C, m) {
         "Per-step sum of token rewards over a CSR token list (SPEC section 3).");
   m.def("broadcast_to_tokens_cpu", &steppo::broadcast_to_tokens_cpu, py::arg("step_values"),
         py::arg("values_dtype"), py::arg("num_values"), py::arg("token_step"), py::arg("n"), py::arg("out"),
-        py::arg("out_dtype"),
-        py::call_guard<py::gil_scoped_release>(), "out[t] = step_values[token_step[t]], 0 off-step (SPEC 4).");
+        py::arg("out_dtype"), py::call_guard<py::gil_scoped_release>(),
+        "out[t] = step_values[token_step[t]], 0 off-step (SPEC 4).");
   m.def("step_gae_cpu", &steppo::step_gae_cpu, py::arg("rewards"), py::arg("rewards_dtype"), py::arg("values"),
-        py::arg("values_dtype"), py::arg("num_steps"), py::arg("traj_step_offsets"), py::arg("num_trajectories"), py::arg("gamma"),
-        py::arg("lam"), py::arg("adv"), py::arg("ret"), py::arg("out_dtype"), py::call_guard<py::gil_scoped_release>(),
+        py::arg("values_dtype"), py::arg("num_steps"), py::arg("traj_step_offsets"), py::arg("num_trajectories"),
+        py::arg("gamma"), py::arg("lam"), py::arg("adv"), py::arg("ret"), py::arg("out_dtype"),
+        py::call_guard<py::gil_scoped_release>(),
         "Step-level GAE per trajectory (SPEC 4).");
   m.def("token_gae_cpu", &steppo::token_gae_cpu, py::arg("rewards"), py::arg("rewards_dtype"), py::arg("values"),
         py::arg("values_dtype"), py::arg("n_tokens"), py::arg("step_tokens"), py::arg("n_step_tokens"),
-        py::arg("step_token_offsets"), py::arg("num_steps"), py::arg("traj_step_offsets"), py::arg("num_trajectories"), py::arg("gamma"), py::arg("lam"), py::arg("adv"),
-        py::arg("ret"), py::arg("out_dtype"), py::call_guard<py::gil_scoped_release>(),
+        py::arg("step_token_offsets"), py::arg("num_steps"), py::arg("traj_step_offsets"),
+        py::arg("num_trajectories"), py::arg("gamma"), py::arg("lam"), py::arg("adv"), py::arg("ret"),
+        py::arg("out_dtype"), py::call_guard<py::gil_scoped_release>(),
         "Token-level GAE across the steps of each trajectory (SPEC 5).");
   m.def("whiten_moments_cpu", &steppo::whiten_moments_cpu, py::arg("x"), py::arg("x_dtype"), py::arg("mask"),
         py::arg("n"), py::arg("out"), py::call_guard<py::gil_scoped_release>(),

@@ -6,9 +6,10 @@ writes out of bounds takes the whole process down, which no in-process test coul
 
 Three families of inputs, each drawn by hypothesis (derandomised: the same examples every run):
 
-* layouts built with ``validate=False`` from random step ids, num_steps and group ids (negative,
-  too large, out of order): construction either raises ValueError or gives a well-formed layout,
-  on which every estimator, the policy loss and the log-prob kernels run;
+* layouts built with ``validate=False`` (packed rows, step rows, turns) from random step ids,
+  num_steps, trajectory and group ids (negative, too large, duplicated, out of order):
+  construction either raises ValueError or gives a well-formed layout, on which every
+  estimator, the policy loss and the log-prob kernels run;
 * valid layouts with one index tensor replaced by random values of random length, fed to the
   same fronts (torch's own index checks may raise IndexError / RuntimeError there: allowed);
 * every public raw op (``steppo_fast.ops``) with random lengths and random index values.
@@ -115,14 +116,36 @@ def packed_args(draw):
     return sid, group, num_steps
 
 
+@st.composite
+def step_rows_args(draw):
+    B, T = draw(st.integers(1, 5)), draw(st.integers(0, 4))
+    ints = st.lists(st.integers(-2, 3), min_size=B, max_size=B).map(torch.tensor)
+    mask = torch.tensor(draw(st.lists(st.booleans(), min_size=B * T, max_size=B * T))).reshape(B, T)
+    return mask, draw(ints), draw(ints), draw(st.none() | ints)
+
+
+@st.composite
+def unvalidated_layout(draw):
+    """A layout from random, often invalid, ids with validate=False: packed rows, step rows or turns
+    (None when the constructor refuses them with ValueError)."""
+    kind = draw(st.sampled_from(("packed", "step_rows", "turns")))
+    try:
+        if kind == "packed":
+            return StepLayout.from_packed(*draw(packed_args()), validate=False)
+        mask, traj, step, group = draw(step_rows_args())
+        if kind == "step_rows":
+            return StepLayout.from_step_rows(mask, traj, step, group, validate=False)
+        return StepLayout.from_turns(mask, group, validate=False)
+    except ValueError:
+        return None
+
+
 def fuzz_unvalidated_layouts(examples: int) -> None:
     @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(packed_args(), st.integers(0, 2 ** 16))
-    def check(args, seed):
-        try:
-            lay = StepLayout.from_packed(*args, validate=False)
-        except ValueError:
+    @given(unvalidated_layout(), st.integers(0, 2 ** 16))
+    def check(lay, seed):
+        if lay is None:
             return
         well_formed(lay)
         run_fronts(lay, seed)

@@ -5,7 +5,6 @@ child process, so that a regression fails its test instead of ending the test ru
 ``validate=False`` still guarantees is spelled out in the README ("What validate=False promises").
 """
 
-import dataclasses
 import os
 import re
 import subprocess

@@ -242,8 +242,9 @@ def token_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, temperature: fl
         (logp, entropy), each (N,) float32 (float64 for float64 logits), 0 where masked out.
     A masked-in label outside [0, V) gives NaN in its row; nothing outside the logits is read.
     """
-    tau = guard.number("token_logprobs", "temperature", temperature, 0.0, lo_open=True)
-    logp, ent, _ = _token_logprobs(logits, labels, mask, tau, guard.flag("token_logprobs", "with_entropy", with_entropy),
-                                   guard.flag("token_logprobs", "inplace_backward", inplace_backward), backend)
+    op = "token_logprobs"
+    tau = guard.number(op, "temperature", temperature, 0.0, lo_open=True)
+    logp, ent, _ = _token_logprobs(logits, labels, mask, tau, guard.flag(op, "with_entropy", with_entropy),
+                                   guard.flag(op, "inplace_backward", inplace_backward), backend)
     return logp, ent
 
