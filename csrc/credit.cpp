@@ -76,15 +76,16 @@ void with_out(int code, F&& f) {
 
 // The GAE recurrence, backwards over positions begin..end-1 of one trajectory; element idx(i) holds
 // position i's reward and value. delta = r + gamma V_next - V (V past the end = 0);
-// A = delta + gamma lam A_next; R = A + V. Elements outside [0, size) are never touched: the sweep
-// stops at the first one and returns its position (else -1).
-template <typename R, typename V, typename O, typename Index>
+// A = delta + gamma lam A_next; R = A + V. With Checked, elements outside [0, size) are never
+// touched: the sweep stops at the first one and returns its position (else -1). Without it the
+// caller has checked the range already (step GAE: begin..end within the steps).
+template <bool Checked, typename R, typename V, typename O, typename Index>
 int64_t gae_sweep(int64_t begin, int64_t end, Index idx, int64_t size, const void* r, const void* v, double gamma,
                   double lam, void* adv, void* ret) {
   double next_v = 0.0, next_a = 0.0;
   for (int64_t i = end - 1; i >= begin; --i) {
     const int64_t e = idx(i);
-    if (!in_range(e, size)) return i;
+    if (Checked && !in_range(e, size)) return i;
     const double ve = V::at(v, e);
     const double ae = R::at(r, e) + gamma * next_v - ve + gamma * lam * next_a;
     O::set(adv, e, ae);
@@ -121,15 +122,21 @@ void broadcast_to_tokens_cpu(uintptr_t step_values, int values_dtype, int64_t nu
   const int32_t* ts = reinterpret_cast<const int32_t*>(token_step);
   void* o = reinterpret_cast<void*>(out);
   advise_out(o, n, out_dtype);
+  // One predictable branch per token (cheaper than a select or a clamp, which stop the compiler's
+  // scalar loop from hiding the gather latency): an id >= num_values is skipped and reported after.
   int64_t first_bad = n;
   with_in_out("step_values", values_dtype, out_dtype, [&](auto it, auto ot) {
     using I = decltype(it);
     using O = decltype(ot);
 #pragma omp parallel for schedule(static) reduction(min : first_bad)
     for (int64_t t = 0; t < n; ++t) {
-      const int64_t s = ts[t];
-      if (s >= num_values) first_bad = std::min(first_bad, t);
-      O::set(o, t, in_range(s, num_values) ? I::at(v, s) : 0.0);
+      const int32_t s = ts[t];
+      if (s >= num_values) {
+        first_bad = std::min(first_bad, t);
+        O::set(o, t, 0.0);
+        continue;
+      }
+      O::set(o, t, s >= 0 ? I::at(v, s) : 0.0);
     }
   });
   if (first_bad < n)
@@ -157,7 +164,8 @@ void step_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int va
         bad_traj = std::min(bad_traj, j);
         continue;
       }
-      gae_sweep<RT, VT, OT>(off[j], off[j + 1], [](int64_t i) { return i; }, num_steps, r, v, gamma, lam, a, R);
+      gae_sweep<false, RT, VT, OT>(off[j], off[j + 1], [](int64_t i) { return i; }, num_steps, r, v, gamma, lam, a,
+                                   R);
     }
   });
   if (bad_traj < num_trajectories) bad_pair("traj_step_offsets", bad_traj, off, num_steps);
@@ -210,8 +218,9 @@ void token_gae_cpu(uintptr_t rewards, int rewards_dtype, uintptr_t values, int v
           }
         }
         if (!steps_ok) continue;
-        const int64_t i = gae_sweep<RT, VT, OT>(soff[toff[j]], soff[toff[j + 1]], [tok](int64_t i) { return tok[i]; },
-                                                n_tokens, r, v, gamma, lam, a, R);
+        const int64_t i = gae_sweep<true, RT, VT, OT>(soff[toff[j]], soff[toff[j + 1]],
+                                                      [tok](int64_t i) { return tok[i]; }, n_tokens, r, v, gamma,
+                                                      lam, a, R);
         if (i >= 0) bad_tok = std::min(bad_tok, i);
       }
     }
