@@ -248,8 +248,8 @@ def linear_steppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, layout: U
             chunk is split and costs one extra product for its tokens.
         with_entropy: compute entropies (the ``entropy`` metric and the entropy bonus).
         fp32_weight_grad: accumulate grad_weight across chunks in fp32 (bf16/fp16 weights).
-        validate: check labels of agent tokens lie in [0, V) (one host sync; pass False under
-            ``torch.compile(fullgraph=True)`` or CUDA-graph capture).
+        validate: check labels of agent tokens lie in [0, V) and a float mask holds no NaN (one
+            host sync; pass False under ``torch.compile(fullgraph=True)`` or CUDA-graph capture).
     Returns:
         (loss, metrics): the same 0-dim loss and metrics as ``policy_loss`` on the log-probs of
         ``linear_token_logprobs``; differentiable in hidden, weight and bias.
@@ -275,13 +275,14 @@ def linear_steppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, layout: U
     tau = _check_temperature(temperature)
     chunk = _check_chunk(chunk)
     lead = tuple(hidden.shape[:-1])
+    raw_mask = layout if isinstance(layout, Tensor) else None  # checked for NaN with the labels
     if isinstance(layout, Tensor):
         if layout.dim() != 2 or tuple(layout.shape) != lead:
             raise ValueError(f"layout must be a StepLayout or a (B, T) mask of hidden's leading shape {lead}, "
                              f"got shape {tuple(layout.shape)}")
         B = layout.shape[0]
         rows_id = torch.arange(B, device=layout.device)
-        layout = StepLayout.from_step_rows(layout, rows_id, torch.zeros_like(rows_id), validate=validate)
+        layout = StepLayout.from_step_rows(layout, rows_id, torch.zeros_like(rows_id), validate=False)
     if not isinstance(layout, StepLayout):
         raise TypeError(f"layout must be a StepLayout or a (B, T) bool mask, got {type(layout).__name__}")
     if lead not in (tuple(layout.token_shape), (layout.num_tokens,)):
@@ -290,7 +291,7 @@ def linear_steppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, layout: U
     if layout.device != hidden.device:
         raise ValueError(f"the layout is on {layout.device} but hidden is on {hidden.device}")
     mask = layout.token_mask
-    y = _check_labels(labels, lead, hidden.device, weight.shape[0], mask, validate)
+    y = _check_labels(labels, lead, hidden.device, weight.shape[0], mask, validate, raw_mask)
     flat_like = torch.empty(layout.num_tokens, device=hidden.device)
     per_token = {}
     for name, t in (("old_logp", old_logp), ("advantages", advantages), ("weights", weights), ("ref_logp", ref_logp)):

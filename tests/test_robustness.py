@@ -357,3 +357,10 @@ def test_valid_calls_are_unchanged_by_the_checks():
                                    lay.step_traj, lay.num_trajectories)
     want = ref.broadcast_to_tokens(ref.grpo(scores, lay.traj_group)[lay.step_traj], lay.token_step)
     assert_close(adv.token_advantages.reshape(-1), want, torch.float32)
+
+
+def test_nan_in_the_mask_of_the_fused_loss_is_refused_when_validating():
+    mask = torch.tensor([[1.0, float("nan"), 0.0], [1.0, 1.0, 0.0]])
+    h, w, y = torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"mask holds NaN at token 1"):
+        sf.linear_steppo_loss(h, w, y, mask, torch.zeros(2, 3), torch.zeros(2, 3))
