@@ -266,7 +266,7 @@ def test_config_values_are_read_as_written_and_wrong_types_name_the_key(tmp_path
                       ({"env": 3}, "env must be a string, got 3"),
                       ({"loss": "str"}, "loss must be a mapping"),
                       ({"loss": {"clip_low": "wide"}}, "loss.clip_low must be a number, got 'wide'"),
-                      ({"loss": {"agg_mode": "mean"}}, "loss: agg_mode must be one of"),
+                      ({"loss": {"agg_mode": "mean"}}, "loss: LossConfig: agg_mode must be one of"),
                       ({"device": "foo"}, "device 'foo'"),
                       ({"model": "m", "model_config": {"hidden_size": 32}}, "model_config")]:
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
