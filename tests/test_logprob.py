@@ -29,6 +29,22 @@ if TRITON_DEVICE is not None:
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
+_bf16_bits_kernel = None
+if TRITON_DEVICE is not None:
+    try:
+        import triton
+        import triton.language as tl
+
+        from steppo_fast.kernels.logprob import _to_bf16_bits
+
+        @triton.jit
+        def _bf16_bits_kernel(src, dst, n, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            x = tl.load(src + offs, mask=offs < n).to(tl.float32, bitcast=True)
+            tl.store(dst + offs, _to_bf16_bits(x), mask=offs < n)
+    except ImportError:
+        pass
+
 
 @pytest.fixture(autouse=True)
 def _quiet_interpreter():
@@ -255,14 +271,17 @@ def test_label_probability_near_one_in_bf16(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_stays_in_its_row(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_stays_in_its_row(backend, dtype):
     name, device = backend
-    z, y, m, gl, gh = _inputs((4,), 64, torch.float32, "none_masked", seed=7, device=device)
+    z, y, m, gl, gh = _inputs((4,), 64, dtype, "none_masked", seed=7, device=device)
     z[1, 10] = float("nan")
     zk = z.clone().requires_grad_()
     logp, ent = token_logprobs(zk, y, m, backend=name)
     (logp * gl + ent * gh).sum().backward()
     assert torch.isnan(logp[1]) and torch.isnan(ent[1])
+    # The whole row's gradient is NaN, as the reference's: never zeros (a bf16 NaN written as -0.0).
+    assert torch.isnan(zk.grad[1]).all()
     keep = torch.tensor([0, 2, 3], device=device)
     assert torch.isfinite(logp[keep]).all() and torch.isfinite(ent[keep]).all()
     assert torch.isfinite(zk.grad[keep]).all()
@@ -290,6 +309,29 @@ def test_layout_mask_and_int32_labels(backend):
     logp_m, ent_m = token_logprobs(z, y, mask_rows.to(device), backend=name)
     assert torch.equal(logp, logp_m) and torch.equal(ent, ent_m)
     assert torch.count_nonzero(logp[~mask_rows.to(device)]) == 0
+
+
+@pytest.mark.skipif(_bf16_bits_kernel is None, reason="needs Triton (a GPU or TRITON_INTERPRET=1)")
+def test_interpreter_bf16_rounding_matches_the_gpu_and_keeps_nan():
+    # The interpreter truncates float32 -> bf16, so its gradients are rounded by hand; the result
+    # must be the GPU's: nearest even, overflow to inf, NaN (any payload, the GPU's canonical
+    # 0x7FFFFFFF included, whose rounding used to carry into the sign bit) stays NaN.
+    special = [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0xFFC00001, 0x7F800001, 0x7F800000, 0xFF800000, 0x7F7FFFFF,
+               0xFF7FFFFF, 0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF, 0x80000000, 0x00008000, 0x00018000]
+    gen = torch.Generator().manual_seed(11)
+    rand = torch.randint(0, 2 ** 32, (4000,), generator=gen, dtype=torch.int64)
+    bits = torch.cat([torch.tensor(special, dtype=torch.int64), rand]).to(torch.int64)
+    src = (bits - (bits >= 2 ** 31).long() * 2 ** 32).to(torch.int32)
+    dst = torch.empty(src.numel(), dtype=torch.int16)
+    block = triton.next_power_of_2(src.numel())
+    sd, dd = src.to(TRITON_DEVICE), dst.to(TRITON_DEVICE)
+    _bf16_bits_kernel[(1,)](sd, dd, src.numel(), BLOCK=block)
+    got = dd.cpu().view(torch.bfloat16)
+    x = src.view(torch.float32)
+    want = x.to(torch.bfloat16)  # round to nearest even
+    nan = torch.isnan(x)
+    assert torch.isnan(got[nan]).all(), got[nan].view(torch.int16)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
 # ------------------------------------------------------------------ bad input
