@@ -266,14 +266,10 @@ if _TRITON_DEVICE is not None:
 @pytest.mark.parametrize("ratio_level", ["step", "token"])
 @pytest.mark.parametrize("agg_mode", ["seq-mean-token-mean", "token-mean"])
 @pytest.mark.parametrize("where", ["old_logp", "advantages", "ref_logp"])
-def test_policy_loss_nan_propagates_like_the_reference(request, kernel, ratio_level, agg_mode, where):
+def test_policy_loss_nan_propagates_like_the_reference(kernel, ratio_level, agg_mode, where):
     """One NaN input gives NaN exactly where the reference has it: the loss, the metrics it enters
     (ratio_max / ratio_min included) and the gradient of its step (step ratio) or token."""
     from steppo_fast import ops
-
-    if kernel == "triton" and where != "advantages":
-        request.applymarker(pytest.mark.xfail(strict=False, reason="the Triton policy-loss kernel does not propagate "
-                                              "a NaN log-ratio yet (its min / max / clamp drop it)"))
 
     device = "cpu" if kernel == "cpp" else _TRITON_DEVICE
     lp, old, adv, ts, S, extra = _loss_inputs(torch.float32, seed=3)
@@ -298,3 +294,52 @@ def test_policy_loss_nan_propagates_like_the_reference(request, kernel, ratio_le
     if ratio_level == "step" and where == "old_logp":  # the whole step's gradient
         assert bool(torch.isnan(g[ts == ts[t]]).all())
     assert_close(torch.nan_to_num(g), torch.nan_to_num(g_r))
+
+
+TRITON_KERNEL = [k for k in KERNELS if k.values[0][0] == "triton"]
+
+
+@pytest.mark.skipif(not TRITON_KERNEL, reason="needs Triton (a GPU or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("ratio_level", ["step", "token"])
+@pytest.mark.parametrize("where", ["old_logp", "logp", "ref_logp"])
+def test_triton_policy_loss_propagates_nan_like_the_reference(ratio_level, where):
+    # One NaN input: the loss, the ratio metrics and the gradients of the affected tokens are NaN as
+    # in the reference, never a finite loss with the NaN clamped into ratio = exp(10).
+    from steppo_fast import ops
+
+    (_, device), = TRITON_KERNEL[0].values
+    lp, old, adv, ts, S, extra = _loss_inputs(torch.float64, seed=5)
+    t = int((ts >= 0).nonzero()[3])
+    inputs = dict(logp=lp.clone(), old_logp=old.clone(), ref_logp=extra["ref"].clone())
+    inputs[where][t] = float("nan")
+    kw = dict(dual_clip=3.0, weights=extra["weights"], entropy=extra["entropy"], entropy_coef=0.01, kl_coef=0.1,
+              kl_type="k3" if where != "ref_logp" else "abs")
+    results = {}
+    for name, dev in (("triton", device), ("reference", "cpu")):
+        x = inputs["logp"].to(dev).requires_grad_(True)
+        loss, metrics = ops.policy_loss(x, inputs["old_logp"].to(dev), adv.to(dev), ts.to(dev), S, ratio_level,
+                                        ref_logp=inputs["ref_logp"].to(dev),
+                                        **{k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()},
+                                        backend=name)
+        (g,) = torch.autograd.grad(loss, [x])
+        results[name] = (loss, metrics, g)
+    loss, metrics, g = results["triton"]
+    want_loss, want_metrics, want_g = results["reference"]
+    assert torch.isnan(want_loss) and torch.isnan(loss)
+    for k in metrics:
+        assert_close(metrics[k], want_metrics[k], torch.float64, k)
+    assert_close(g, want_g, torch.float64, "grad")  # NaN exactly where the reference has NaN
+
+
+@pytest.mark.skipif(not TRITON_KERNEL, reason="needs Triton (a GPU or TRITON_INTERPRET=1)")
+def test_triton_policy_loss_step_ids_past_the_count_give_nan():
+    # Unvalidated step ids >= num_steps read nothing out of bounds: the loss is NaN.
+    from steppo_fast import ops
+
+    (_, device), = TRITON_KERNEL[0].values
+    lp, old, adv, ts, S, _ = _loss_inputs(torch.float32, seed=6)
+    ts = ts.clone()
+    ts[ts == S - 1] = S + 5
+    loss, metrics = ops.policy_loss(lp.to(device), old.to(device), adv.to(device), ts.to(device), S, "step",
+                                    backend="triton")
+    assert torch.isnan(loss) and torch.isnan(metrics["ratio_max"])
