@@ -166,6 +166,27 @@ def test_triton_step_rewards_matches_reference():
         assert_close(got, ref.step_rewards(rew.double(), lay.token_step, lay.num_steps))
 
 
+_STEP_REWARD_BACKENDS = [pytest.param(("cpp", "cpu"), id="cpp")]
+if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+    _STEP_REWARD_BACKENDS.append(pytest.param(("triton", "cuda" if torch.cuda.is_available() else "cpu"), id="triton"))
+if torch.cuda.is_available():
+    _STEP_REWARD_BACKENDS.append(pytest.param(("cuda", "cuda"), id="cuda"))
+
+
+@pytest.mark.parametrize("backend", _STEP_REWARD_BACKENDS)
+def test_step_rewards_accumulate_in_float64(backend):
+    # float32 rewards summed in float64 and rounded once, by every backend: 1e8 + 1 - 1e8 is 1, which a
+    # float32 running sum (one lane of the Triton kernel gets tokens 0, 128 and 256) rounds to 0.
+    name, device = backend
+    n = 257
+    r = torch.zeros(n)
+    r[0], r[128], r[256] = 1e8, 1.0, -1e8
+    ts = torch.zeros(n, dtype=torch.int32)
+    tokens, offsets = torch.arange(n), torch.tensor([0, n])
+    got = ops.step_rewards(r.to(device), ts.to(device), tokens.to(device), offsets.to(device), backend=name)
+    assert got.dtype == torch.float32 and got.cpu().tolist() == [1.0]
+
+
 def test_step_rewards_deterministic():
     lay, rew = _layout(7, 30)
     a = ops.step_rewards(rew, lay.token_step, lay.step_tokens, lay.step_token_offsets, backend="cpp")
