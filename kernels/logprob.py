@@ -286,7 +286,7 @@ def _config(logits: torch.Tensor):
     dtype) take a quarter of the chunk, which keeps their registers from spilling."""
     block, warps = (BLOCK_V, 8) if logits.shape[-1] >= BLOCK_V else (SMALL_BLOCK_V, 4)
     if logits.element_size() == 8:
-        block //= 4
+        block, warps = block // 4, 8
     return block, max(1, 16 // logits.element_size()), warps
 
 

@@ -120,7 +120,7 @@ def _policy_loss_kernel(
         pg3 = -a * dual_clip
         neg = a < 0
         lower = neg & (l_tok > pg3)
-        tie = tl.where(l_tok < pg3, 1.0, tl.where(l_tok == pg3, 0.5, 0.0))
+        tie = tl.where(l_tok < pg3, 1.0, tl.where(l_tok == pg3, 0.5, 0.0)).to(tl.float64)
         dl = tl.where(neg, dl * tie, dl)
         l_tok = tl.where(neg, _min_nan(l_tok, pg3), l_tok)
     if has_w != 0:
@@ -152,7 +152,7 @@ def _policy_loss_kernel(
             dkl = tl.full([BLOCK], 1.0, tl.float64)
         elif kl_type == 1:
             kl = tl.abs(d)
-            dkl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))  # torch.sign: 0 at 0 and at NaN
+            dkl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(tl.float64)  # torch.sign: 0 at 0 and NaN
         elif kl_type == 2:
             kl = 0.5 * d * d
             dkl = d
