@@ -246,11 +246,6 @@ size_t sort_temp_bytes(int64_t n) {
   return temp;
 }
 
-void enter(int device) {
-  require_device();
-  STEPPO_CUDA_CHECK(cudaSetDevice(device));
-}
-
 template <typename T>
 const T* cptr(uintptr_t p) {
   return reinterpret_cast<const T*>(p);
@@ -260,7 +255,7 @@ const T* cptr(uintptr_t p) {
 
 void broadcast_to_tokens_cuda(uintptr_t step_values, int values_dtype, uintptr_t token_step, int64_t n,
                               uintptr_t out, int out_dtype, uintptr_t stream, int device) {
-  enter(device);
+  const DeviceGuard guard(device);
   check_in_dtype("step_values", values_dtype);
   check_out_dtype("out", out_dtype);
   if (n == 0) return;
@@ -273,7 +268,7 @@ void broadcast_to_tokens_cuda(uintptr_t step_values, int values_dtype, uintptr_t
 void step_gae_cuda(uintptr_t rewards, int rewards_dtype, uintptr_t values, int values_dtype,
                    uintptr_t traj_step_offsets, int64_t num_trajectories, double gamma, double lam, uintptr_t adv,
                    uintptr_t ret, int out_dtype, uintptr_t stream, int device) {
-  enter(device);
+  const DeviceGuard guard(device);
   check_in_dtype("step_rewards", rewards_dtype);
   check_in_dtype("step_values", values_dtype);
   check_out_dtype("adv", out_dtype);
@@ -289,7 +284,7 @@ void token_gae_cuda(uintptr_t rewards, int rewards_dtype, uintptr_t values, int 
                     uintptr_t step_tokens, uintptr_t step_token_offsets, uintptr_t traj_step_offsets,
                     int64_t num_trajectories, double gamma, double lam, uintptr_t adv, uintptr_t ret, int out_dtype,
                     uintptr_t stream, int device) {
-  enter(device);
+  const DeviceGuard guard(device);
   check_in_dtype("token_rewards", rewards_dtype);
   check_in_dtype("token_values", values_dtype);
   check_out_dtype("adv", out_dtype);
@@ -311,7 +306,7 @@ int64_t whiten_moments_cuda_workspace(int64_t n) { return 3 * moments_blocks(n);
 
 void whiten_moments_cuda(uintptr_t x, int x_dtype, uintptr_t mask, int64_t n, uintptr_t out, uintptr_t workspace,
                          uintptr_t stream, int device) {
-  enter(device);
+  const DeviceGuard guard(device);
   check_in_dtype("x", x_dtype);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int64_t blocks = moments_blocks(n);
@@ -326,7 +321,7 @@ void whiten_moments_cuda(uintptr_t x, int x_dtype, uintptr_t mask, int64_t n, ui
 
 void whiten_apply_cuda(uintptr_t x, int x_dtype, uintptr_t mask, int64_t n, uintptr_t moments, int mode, double eps,
                        uintptr_t out, int out_dtype, uintptr_t stream, int device) {
-  enter(device);
+  const DeviceGuard guard(device);
   check_in_dtype("x", x_dtype);
   check_out_dtype("out", out_dtype);
   if (mode != 0 && mode != 1) throw std::invalid_argument("mode must be 0 (step) or 1 (token)");
@@ -338,7 +333,7 @@ void whiten_apply_cuda(uintptr_t x, int x_dtype, uintptr_t mask, int64_t n, uint
 }
 
 int64_t group_advantage_cuda_workspace(int64_t n, int device) {
-  enter(device);
+  const DeviceGuard guard(device);
   if (n == 0) return 0;
   return 4 * aligned(n * static_cast<int64_t>(sizeof(int64_t))) + aligned(static_cast<int64_t>(sort_temp_bytes(n)));
 }
@@ -346,7 +341,7 @@ int64_t group_advantage_cuda_workspace(int64_t n, int device) {
 void group_advantage_cuda(uintptr_t values, int values_dtype, uintptr_t group, uintptr_t subkey, int64_t n,
                           int norm, int singleton, double eps, uintptr_t out, int out_dtype, uintptr_t workspace,
                           int64_t workspace_bytes, uintptr_t stream, int device) {
-  enter(device);
+  const DeviceGuard guard(device);
   check_in_dtype("values", values_dtype);
   check_out_dtype("out", out_dtype);
   if (norm < 0 || norm > 2) throw std::invalid_argument("norm must be 0 (mean_std), 1 (mean) or 2 (rloo)");

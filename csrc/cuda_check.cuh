@@ -29,6 +29,32 @@ inline void require_device() {
   }
 }
 
+// Makes `device` current for one call of the module and restores the caller's device when the
+// call returns or throws: the tensors' device is used without changing the current device that
+// PyTorch and every other library in the process rely on. Raises first when no device is usable.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    require_device();
+    cuda_check(cudaGetDevice(&previous_), "cudaGetDevice", __FILE__, __LINE__);
+    if (previous_ != device) {
+      cuda_check(cudaSetDevice(device), "cudaSetDevice", __FILE__, __LINE__);
+      switched_ = true;
+    }
+  }
+  // A destructor cannot throw: restoring a device that was current a moment ago does not fail
+  // short of a dead context, and then the next checked call reports it.
+  ~DeviceGuard() {
+    if (switched_) static_cast<void>(cudaSetDevice(previous_));
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
 }  // namespace steppo
 
 #define STEPPO_CUDA_CHECK(expr) ::steppo::cuda_check((expr), #expr, __FILE__, __LINE__)

@@ -25,11 +25,10 @@ __global__ void step_rewards_kernel(DevIn rewards, const int64_t* __restrict__ s
 
 void step_rewards_cuda(uintptr_t rewards, int rewards_dtype, uintptr_t step_tokens, uintptr_t step_token_offsets,
                        int64_t num_steps, uintptr_t out, int out_dtype, uintptr_t stream, int device) {
-  require_device();
+  const DeviceGuard guard(device);
   check_in_dtype("token_rewards", rewards_dtype);
   check_out_dtype("out", out_dtype);
   if (num_steps == 0) return;
-  STEPPO_CUDA_CHECK(cudaSetDevice(device));
   const int threads = 256;
   step_rewards_kernel<<<grid_for(num_steps, threads), threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       DevIn{reinterpret_cast<const void*>(rewards), rewards_dtype}, reinterpret_cast<const int64_t*>(step_tokens),
