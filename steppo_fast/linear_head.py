@@ -31,7 +31,9 @@ The epilogue is the registry's ``token_logprobs`` kernel pair of the chosen back
 the CPU, Triton on the GPU (and on the CPU under ``TRITON_INTERPRET=1``). The products are
 ``torch.mm`` (MKL/oneDNN on the CPU, cuBLAS on the GPU), in the input dtype with fp32
 accumulation inside the GEMM; the epilogue upcasts to fp32. grad_W may be accumulated
-across chunks in fp32 (``fp32_weight_grad``) for bf16/fp16 weights.
+across chunks in fp32 (``fp32_weight_grad``) for bf16/fp16 weights: each chunk's product is
+added into the float32 buffer by the GEMM itself where torch can (CUDA, torch >= 2.8), and is
+never rounded to bf16 on the way (:func:`accumulate_fp32`).
 """
 
 from __future__ import annotations
@@ -144,6 +146,52 @@ def _scatter(values: Tensor, rows: Optional[Tensor], n: int) -> Tensor:
     return out.index_copy_(0, rows, values)
 
 
+_FP32_GEMM = {}  # (device type, index) -> how accumulate_fp32 multiplies there
+
+
+def _fp32_gemm(device: torch.device) -> str:
+    """How this torch multiplies bf16/fp16 matrices into a float32 result on ``device``, probed once:
+    "addmm" (one GEMM that adds into the float32 buffer: cuBLAS with a float32 C, torch >= 2.8 on
+    CUDA), "mm" (a float32 product, then an add: torch versions whose addmm(out_dtype=) wants the
+    added matrix in the operands' dtype), or "upcast" (operands converted to float32 first: the CPU,
+    and CUDA before torch 2.8)."""
+    key = (device.type, device.index)
+    if key not in _FP32_GEMM:
+        a = torch.zeros(2, 2, dtype=torch.bfloat16, device=device)
+        acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
+        mode = "upcast"
+        for name, probe in (("addmm", lambda: torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)),
+                            ("mm", lambda: torch.mm(a, a, out_dtype=torch.float32))):
+            try:
+                probe()
+            except (TypeError, RuntimeError, NotImplementedError):
+                continue
+            mode = name
+            break
+        _FP32_GEMM[key] = mode
+        if device.type == "cuda" and mode != "addmm":
+            import warnings
+
+            warnings.warn(f"steppo_fast: torch {torch.__version__} has no bf16/fp16 GEMM that adds into a float32 "
+                          f"matrix on {device}; fp32_weight_grad uses "
+                          + ("a float32 product and an add (a V x H float32 temporary per chunk)" if mode == "mm"
+                             else "float32 products of upcast operands (slower, twice the chunk's memory)"),
+                          RuntimeWarning, stacklevel=3)
+    return _FP32_GEMM[key]
+
+
+def accumulate_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b for bf16/fp16 a, b into the float32 acc, the product accumulated in float32 and
+    never rounded to a's dtype on the way (see :func:`_fp32_gemm` for how, per device and torch)."""
+    mode = _fp32_gemm(acc.device)
+    if mode == "addmm":
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif mode == "mm":
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
 class _Grads:
     """Accumulators of grad_h (N, H), grad_W (V, H) and grad_b (V,), filled chunk by chunk."""
 
@@ -168,7 +216,7 @@ class _Grads:
             if self.gw.dtype == g.dtype:
                 self.gw.addmm_(g.t(), h)
             else:
-                self.gw.add_(torch.mm(g.t(), h))
+                accumulate_fp32(self.gw, g.t(), h)
         if self.gb is not None:
             self.gb.add_(g.sum(0, dtype=self.gb.dtype))
 

@@ -385,3 +385,29 @@ def test_fp32_weight_grad_accumulation_for_bf16_weights():
         errs[fp32] = (gw.double() - want).abs().max().item()
     # 64 one-token chunks: bf16 accumulation rounds 64 times, fp32 accumulation once at the end.
     assert errs[True] < 0.5 * errs[False], errs
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fp32_weight_grad_adds_unrounded_products(device, dtype):
+    # Each chunk's G^T h must reach the float32 grad_W without a rounding to bf16/fp16 on the way: the
+    # accumulated sum then matches the exact sum of the same products to float32 precision, where
+    # rounding each chunk's product to bf16 first is off by about 2^-9 of it.
+    gen = torch.Generator().manual_seed(21)
+    chunks, rows, vocab, hid = 12, 16, 37, 24
+    g = (torch.randn(chunks * rows, vocab, generator=gen) * 0.1).to(dtype)
+    h = torch.randn(chunks * rows, hid, generator=gen).to(dtype)
+    weight = torch.zeros(vocab, hid, dtype=dtype)
+    acc = linear_head._Grads(h.to(device), weight.to(device), None, need_hidden=False, need_weight=True,
+                             need_bias=False, fp32_weight_grad=True)
+    for c in range(chunks):
+        c0, c1 = c * rows, (c + 1) * rows
+        acc.add(g[c0:c1].to(device), h[c0:c1].to(device), None, c0, c1)
+    assert acc.gw.dtype == torch.float32
+    exact = g.double().t() @ h.double()
+    err = (acc.gw.cpu().double() - exact).abs().max().item()
+    assert err <= 1e-6 * exact.abs().max().item(), err
+    # And the bf16 result of the fp32 path is the exact sum rounded once.
+    gw = acc.outputs()[1].cpu()
+    assert gw.dtype == dtype
+    assert_close(gw.double(), exact, dtype)
