@@ -126,10 +126,12 @@ def _token_logprobs_fwd_kernel(
     logits_ptr, labels_ptr, mask_ptr, logp_ptr, ent_ptr, lse_ptr,  # pointers
     n_rows, vocab, rows_per_batch,  # sizes
     stride_b, stride_t,  # strides (elements) of the logits rows; the vocabulary is contiguous
-    k,  # log2(e) / temperature
+    scale: tl.float64,  # log2(e) / temperature
     BLOCK_V: tl.constexpr, W: tl.constexpr, WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     R: tl.constexpr = BLOCK_V // W
+    k = tl.cast(scale, ACC)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     neg_inf = float("-inf")
@@ -149,7 +151,7 @@ def _token_logprobs_fwd_kernel(
             m = tl.full([R], M_INIT, ACC)
             s = tl.zeros([R], ACC)
             t = tl.zeros([R], ACC)
-            for i in tl.range(0, n_full - label_full.to(tl.int32), loop_unroll_factor=2):
+            for i in tl.range(0, n_full - label_full.to(tl.int32), loop_unroll_factor=UNROLL):
                 c0 = (i + (i >= y_chunk).to(tl.int32)).to(tl.int64) * BLOCK_V
                 z = _to_acc(tl.load(base + c0 + lanes), ACC, FAST)
                 m, s, t = _fwd_update(z, m, s, t, k, WITH_ENTROPY, FAST)
@@ -218,14 +220,16 @@ def _token_logprobs_bwd_kernel(
     logits_ptr, labels_ptr, mask_ptr, logp_ptr, ent_ptr, lse_ptr, glogp_ptr, gent_ptr, grad_ptr,  # pointers
     n_rows, vocab, rows_per_batch,  # sizes
     stride_b, stride_t, gstride_b, gstride_t,  # strides (elements) of logits and grad rows
-    k, inv_tau,  # log2(e) / temperature, 1 / temperature
+    scale: tl.float64, inv_temperature: tl.float64,  # log2(e) / temperature, 1 / temperature
     BLOCK_V: tl.constexpr, W: tl.constexpr, WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr,
-    PRECISE: tl.constexpr, BF16_BITS: tl.constexpr,
+    PRECISE: tl.constexpr, BF16_BITS: tl.constexpr, UNROLL: tl.constexpr,
 ):
     # PRECISE: lse in two ACC parts (float32 and float64 gradients); a bf16/fp16 gradient does not
     # see the 2^-24 |lse| of one part. BF16_BITS: grad_ptr is the bf16 gradient viewed as int16,
     # written through _to_bf16_bits (under the interpreter only).
     R: tl.constexpr = BLOCK_V // W
+    k = tl.cast(scale, ACC)
+    inv_tau = tl.cast(inv_temperature, ACC)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lanes = tl.arange(0, R)[:, None] * W + tl.arange(0, W)[None, :]
@@ -258,7 +262,7 @@ def _token_logprobs_bwd_kernel(
             grad_y = (g_lp * -_expm1(lp_y) - g_h * term_y) * inv_tau
             y_chunk = tl.where(y_ok, (y // BLOCK_V).to(tl.int32), n_full)
             label_full = y_chunk < n_full
-            for i in tl.range(0, n_full - label_full.to(tl.int32), loop_unroll_factor=2):
+            for i in tl.range(0, n_full - label_full.to(tl.int32), loop_unroll_factor=UNROLL):
                 c0 = (i + (i >= y_chunk).to(tl.int32)).to(tl.int64) * BLOCK_V
                 z = _to_acc(tl.load(base + c0 + lanes), ACC, FAST)
                 g = _bwd_grad(z, k, lse_hi, lse_lo, coef_a, coef_b, WITH_ENTROPY, PRECISE, FAST)
@@ -290,6 +294,17 @@ def _config(logits: torch.Tensor):
     return block, max(1, 16 // logits.element_size()), warps
 
 
+def _unroll(*tensors) -> int:
+    """Chunks per loop iteration: two where every row starts 16-byte aligned (Triton then knows it
+    from the strides' divisibility by 16 and loads 16 bytes at a time: two chunks' loads in flight);
+    one otherwise, where single-entry loads would need twice the registers."""
+    for t in tensors:
+        n, vocab, rpb, sb, st = row_geometry(t)
+        if t.data_ptr() % 16 or sb % 16 or st % 16:
+            return 1
+    return 2
+
+
 def _acc(logits: torch.Tensor):
     return (tl.float64, torch.float64) if logits.dtype == torch.float64 else (tl.float32, torch.float32)
 
@@ -312,8 +327,8 @@ def token_logprobs_fwd(logits, labels, mask, temperature: float, with_entropy: b
     fast = acc_tl == tl.float32 and not interpreted(kernel)
     launch(kernel, (min(n, MAX_GRID),), logits.device,
            logits, labels, mask.view(torch.uint8), logp, ent, lse, n, vocab, rpb, sb, st, LOG2E / temperature,
-           BLOCK_V=block, W=width, WITH_ENTROPY=bool(with_entropy), ACC=acc_tl, FAST=fast, num_warps=warps,
-           enable_fp_fusion=True)
+           BLOCK_V=block, W=width, WITH_ENTROPY=bool(with_entropy), ACC=acc_tl, FAST=fast, UNROLL=_unroll(logits),
+           num_warps=warps, enable_fp_fusion=True)
     return logp, ent, lse
 
 
@@ -335,5 +350,5 @@ def token_logprobs_bwd(logits, labels, mask, logp, ent, lse, grad_logp, grad_ent
            logits, labels, mask.view(torch.uint8), logp, ent, lse, grad_logp, grad_entropy,
            out.view(torch.int16) if bits else out, n, vocab, rpb, sb, st, gsb, gst, LOG2E / temperature,
            1.0 / temperature, BLOCK_V=block, W=width, WITH_ENTROPY=bool(with_entropy), ACC=acc_tl, FAST=fast,
-           PRECISE=precise, BF16_BITS=bits, num_warps=warps, enable_fp_fusion=True)
+           PRECISE=precise, BF16_BITS=bits, UNROLL=_unroll(logits, out), num_warps=warps, enable_fp_fusion=True)
     return out
