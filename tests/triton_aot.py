@@ -157,22 +157,26 @@ def install(arch: int) -> FakeGPU:
 
 
 # ------------------------------------------------------------------ specialisation keys
-@functools.lru_cache(maxsize=None)
-def _binder(fn, arch):
+_BINDERS = {}
+
+
+def _binder(kernel, arch):
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    jf = JITFunction(fn)
-    return jf, create_function_from_signature(jf.signature, jf.params, make_backend(GPUTarget("cuda", arch, 32)))
+    key = (kernel.fn, arch)
+    if key not in _BINDERS:
+        # An interpreted kernel keeps its decorator's options (do_not_specialize...) in ``kwargs``.
+        jf = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **getattr(kernel, "kwargs", {}))
+        _BINDERS[key] = create_function_from_signature(jf.signature, jf.params, make_backend(GPUTarget("cuda", arch, 32)))
+    return _BINDERS[key]
 
 
 def specialisation_key(kernel, args, kwargs, arch: int = 90):
     """(kernel name, key) of the specialisation Triton compiles for ``kernel[grid](*args, **kwargs)``
     on sm_<arch>; ``kernel`` may be a JIT or an interpreted function."""
-    fn = kernel.fn
-    jf, binder = _binder(fn, arch)
-    _, spec, options = binder(*args, **kwargs)
-    return fn.__name__, repr((spec, sorted(options.items())))
+    _, spec, options = _binder(kernel, arch)(*args, **kwargs)
+    return kernel.fn.__name__, repr((spec, sorted(options.items())))
 
 
 # ------------------------------------------------------------------ the launchers' inputs
