@@ -107,7 +107,7 @@ class _Launcher:
         self.record.launches += 1
 
 
-class FakeGPU:
+class StandInDriver:
     """Triton driver stand-in for one target; compiled specialisations go to ``compiled``."""
 
     def __init__(self, arch: int):
@@ -145,13 +145,13 @@ class FakeGPU:
         raise RuntimeError("no GPU: nothing can be timed")
 
 
-def install(arch: int) -> FakeGPU:
+def install(arch: int) -> StandInDriver:
     """Makes a stand-in for sm_<arch> Triton's active driver (for the rest of the process)."""
     from triton.runtime.driver import driver
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    fake = FakeGPU(arch)
+    fake = StandInDriver(arch)
     driver.set_active(fake)
     return fake
 
