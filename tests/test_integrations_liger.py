@@ -282,7 +282,7 @@ def test_bad_call_arguments_are_refused():
     mask = b["mask"].bool()
     holes = torch.where(mask, 0, -1)
     holes[1, 0] = -1
-    with pytest.raises(ValueError, match="row 1: step_ids leave tokens of attention_mask outside every step"):
+    with pytest.raises(ValueError, match="row 1: step ids leave tokens outside every step"):
         loss_fn(b["hidden"], b["weight"], b["ids"], b["mask"], b["adv"], step_ids=holes)
     with pytest.raises(ValueError, match="gap in step indices"):
         gap = torch.where(mask, 2 * (torch.arange(T)[None, :] >= 4).long(), -1)  # steps 0 and 2, no step 1

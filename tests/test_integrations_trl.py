@@ -497,7 +497,7 @@ def test_bad_turn_masks_are_refused():
     # Caller-supplied step ids must cover every generated token and have no gaps.
     mask = _loss_mask(inputs)
     holes = dict(inputs, step_ids=torch.where(mask, 0, -1).masked_fill(mask.cumsum(1) == 1, -1))
-    with pytest.raises(ValueError, match=r"completion \d+: step ids leave generated tokens outside every step"):
+    with pytest.raises(ValueError, match=r"completion \d+: step ids leave tokens outside every step"):
         _loss_and_grad(StepPOGRPOTrainer._compute_loss, trainer, logp, ent, holes)
     gap = dict(inputs, step_ids=torch.where(mask, 2 * (mask.cumsum(1) > 2).long(), -1))
     with pytest.raises(ValueError, match="gap in step indices"):

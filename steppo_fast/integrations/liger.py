@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..layout import StepLayout, step_ids_from_turns
+from ._steps import checked_step_ids, rows_layout
 from ..logprob import linear_token_logprobs
 from ..losses import LossConfig, linear_steppo_loss
 
@@ -141,15 +142,7 @@ class StepPOFusedLinearGRPOLoss(torch.nn.Module):
         if step_ids is not None:
             if step_starts is not None:
                 raise ValueError("pass step_ids or step_starts, not both")
-            if not isinstance(step_ids, Tensor) or step_ids.dtype.is_floating_point or step_ids.dtype == torch.bool:
-                raise TypeError(f"step_ids must be an integer (B, T) tensor, got "
-                                f"{getattr(step_ids, 'dtype', type(step_ids).__name__)}")
-            if tuple(step_ids.shape) != tuple(mask.shape):
-                raise ValueError(f"step_ids must have the shape of attention_mask {tuple(mask.shape)}, "
-                                 f"got {tuple(step_ids.shape)}")
-            if step_ids.device != mask.device:
-                raise ValueError(f"step_ids is on {step_ids.device} but attention_mask is on {mask.device}")
-            return torch.where(mask, step_ids.to(torch.int64), -1), True
+            return checked_step_ids(step_ids, mask, "step_ids", "attention_mask"), True
         if self.step_boundaries == "turns":
             return step_ids_from_turns(mask, step_starts), False
         # "completion": the row is one step, split only where step_starts says so.
@@ -167,17 +160,7 @@ class StepPOFusedLinearGRPOLoss(torch.nn.Module):
     def _layout(sid: Tensor, mask: Tensor, check: bool) -> StepLayout:
         """StepLayout of the rows; a row with no token holds one empty step (it counts in grpo's mean,
         as Liger divides by the number of rows)."""
-        if check:  # caller-supplied ids: a few host syncs
-            left_out = mask & (sid < 0)
-            if bool(left_out.any()):
-                r = int(torch.nonzero(left_out.any(dim=1))[0, 0])
-                raise ValueError(f"row {r}: step_ids leave tokens of attention_mask outside every step (-1 where "
-                                 "attention_mask is 1)")
-            empty = (sid < 0).all(dim=1, keepdim=True)
-            StepLayout.from_packed(torch.where(empty, 0, sid), validate=True)
-        k = sid.max(dim=1).values + 1 if sid.shape[1] > 0 else torch.zeros(sid.shape[0], dtype=torch.int64,
-                                                                              device=sid.device)
-        return StepLayout.from_packed(sid, num_steps=k.clamp(min=1), validate=False)
+        return rows_layout(sid, mask, check, "row", "attention_mask")
 
     # ------------------------------------------------------------------- call
     def forward(self, _input: Tensor, lin_weight: Tensor, selected_token_ids: Tensor, attention_mask: Tensor,

@@ -65,6 +65,7 @@ from trl import GRPOTrainer
 
 from .. import reference as _ref
 from ..layout import StepLayout, step_ids_from_turns
+from ._steps import checked_step_ids, rows_layout
 from ..losses import policy_loss
 
 __all__ = ["StepPOGRPOTrainer", "check_importance_sampling_level"]
@@ -188,33 +189,15 @@ class StepPOGRPOTrainer(GRPOTrainer):
 
     @staticmethod
     def _as_step_ids(ids, mask: torch.Tensor, what: str) -> torch.Tensor:
-        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise TypeError(f"{what} must be an integer (B, T) tensor of step ids (or, from step_boundaries, a bool "
-                            f"tensor of step starts), got {getattr(ids, 'dtype', type(ids).__name__)}")
-        if tuple(ids.shape) != tuple(mask.shape):
-            raise ValueError(f"{what} must have the shape of completion_mask {tuple(mask.shape)}, "
-                             f"got {tuple(ids.shape)}")
-        if ids.device != mask.device:
-            raise ValueError(f"{what} is on {ids.device} but completion_mask is on {mask.device}")
-        return torch.where(mask, ids.to(torch.int64), -1)
+        return checked_step_ids(ids, mask, what, "completion_mask")
 
     def _layout(self, inputs: Dict[str, Any], mask: torch.Tensor) -> StepLayout:
         """The batch's StepLayout; a completion with no generated token holds one empty step."""
         sid = self.get_step_ids(inputs)
         derived = "step_ids" not in inputs and not callable(self.step_boundaries)
         derived = derived and type(self).get_step_ids is StepPOGRPOTrainer.get_step_ids
-        if not derived:  # caller-supplied ids: check them (a few host syncs, once per batch)
-            left_out = mask & (sid < 0)
-            if bool(left_out.any()):
-                r = int(torch.nonzero(left_out.any(dim=1))[0, 0])
-                raise ValueError(f"completion {r}: step ids leave generated tokens outside every step (step id -1 "
-                                 "where completion_mask * tool_mask is 1); give every generated token a step")
-            if sid.shape[1] > 0:
-                empty = (sid < 0).all(dim=1, keepdim=True)
-                StepLayout.from_packed(torch.where(empty, 0, sid), validate=True)  # gaps, order, negative ids
-        k = sid.max(dim=1).values + 1 if sid.shape[1] > 0 else torch.zeros(sid.shape[0], dtype=torch.int64,
-                                                                              device=sid.device)
-        return StepLayout.from_packed(sid, num_steps=k.clamp(min=1), validate=False)
+        # Caller-supplied ids get checked (a few host syncs, once per batch).
+        return rows_layout(sid, mask, not derived, "completion", "completion_mask * tool_mask")
 
     # ------------------------------------------------------------------- loss
     def _compute_loss(self, model, inputs: Dict[str, Any]):
