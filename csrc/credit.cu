@@ -27,18 +27,26 @@ constexpr int kThreads = 256;
 // tile of 32 positions is one reverse scan of (offset, factor) pairs in the warp, applied to the
 // advantage carried in from the tile after it. Loads are coalesced (lane = position) and each
 // element is read once and written once.
+//
+// Index checks: the caller has checked begin..end against the index array; idx.ok(e) checks the
+// element each position names. A position whose element is out of range reads and writes nothing
+// and enters the recurrence as NaN, so every earlier position of the trajectory (all of which
+// depend on it) gets NaN and the later ones keep their values; its position lowers *bad.
 struct Identity {
   __device__ __forceinline__ int64_t operator()(int64_t i) const { return i; }
+  __device__ __forceinline__ bool ok(int64_t) const { return true; }
 };
 
 struct Gather {
   const int64_t* __restrict__ tok;
+  int64_t size;  // elements of the rewards, values and outputs
   __device__ __forceinline__ int64_t operator()(int64_t i) const { return tok[i]; }
+  __device__ __forceinline__ bool ok(int64_t e) const { return in_range_dev(e, size); }
 };
 
 template <typename Index>
 __device__ void gae_warp(int64_t begin, int64_t end, Index idx, DevIn r, DevIn v, double gamma, double lam,
-                         DevOut adv, DevOut ret, int lane) {
+                         DevOut adv, DevOut ret, int lane, int64_t* bad) {
   const double c = gamma * lam;
   double carry_a = 0.0, carry_v = 0.0;  // A and V of the first position of the tile after this one
   const int64_t tiles = (end - begin + 31) / 32;
@@ -46,11 +54,18 @@ __device__ void gae_warp(int64_t begin, int64_t end, Index idx, DevIn r, DevIn v
     const int64_t i = begin + t * 32 + lane;
     const bool valid = i < end;
     int64_t e = 0;
+    bool inside = false;
     double ve = 0.0, re = 0.0;
     if (valid) {
       e = idx(i);
-      ve = v[e];
-      re = r[e];
+      inside = idx.ok(e);
+      if (inside) {
+        ve = v[e];
+        re = r[e];
+      } else {
+        ve = re = nan_dev();
+        report_bad(bad, i);
+      }
     }
     // V of the next position: the next lane's, or the carried one for the last lane. Past the
     // trajectory's end the lanes hold V = 0, as the recurrence wants.
@@ -68,7 +83,7 @@ __device__ void gae_warp(int64_t begin, int64_t end, Index idx, DevIn r, DevIn v
       }
     }
     const double A = a + m * carry_a;
-    if (valid) {
+    if (inside) {
       adv.set(e, A);
       ret.set(e, A + ve);
     }
@@ -77,30 +92,122 @@ __device__ void gae_warp(int64_t begin, int64_t end, Index idx, DevIn r, DevIn v
   }
 }
 
-__global__ void step_gae_kernel(DevIn r, DevIn v, const int64_t* __restrict__ toff, int64_t num_traj, double gamma,
-                                double lam, DevOut adv, DevOut ret) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  for (int64_t j = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; j < num_traj; j += warps)
-    gae_warp(toff[j], toff[j + 1], Identity{}, r, v, gamma, lam, adv, ret, lane);
+// NaN at positions lo..hi-1 of both outputs, by one warp.
+__device__ void nan_steps(int64_t lo, int64_t hi, DevOut adv, DevOut ret, int lane) {
+  for (int64_t i = lo + lane; i < hi; i += 32) {
+    adv.set(i, nan_dev());
+    ret.set(i, nan_dev());
+  }
 }
 
-__global__ void token_gae_kernel(DevIn r, DevIn v, const int64_t* __restrict__ tok, const int64_t* __restrict__ soff,
-                                 const int64_t* __restrict__ toff, int64_t num_traj, double gamma, double lam,
-                                 DevOut adv, DevOut ret) {
+// How offsets that are not a partition are still covered. Offsets toff[0..R] over S entries are
+// a partition of [0, S) exactly when toff[0] == 0, toff[R] == S and every pair is in order and in
+// range. Otherwise every position p in [0, S) still lies in [x, y) for some consecutive x <= y of
+// the sequence 0, toff[0], ..., toff[R], S; so NaN over [0, toff[0]) and [toff[R], S) (clamped to
+// [0, S]) and over the clamped range of every in-order pair that is out of range leaves no output
+// unwritten. With out-of-order offsets two trajectories' ranges may overlap: the overlap then
+// holds one of their values (the error word is set in any case).
+
+__global__ void step_gae_kernel(DevIn r, DevIn v, int64_t num_steps, const int64_t* __restrict__ toff,
+                                int64_t num_traj, double gamma, double lam, DevOut adv, DevOut ret,
+                                int64_t* __restrict__ err) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  for (int64_t j = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; j < num_traj; j += warps) {
-    // The trajectory's agent tokens in time order are one contiguous range of step_tokens.
-    gae_warp(soff[toff[j]], soff[toff[j + 1]], Gather{tok}, r, v, gamma, lam, adv, ret, lane);
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  if (first == 0) {  // the ends, once per call (check_csr_ends on the CPU)
+    const int64_t head = toff[0], tail = toff[num_traj];
+    if (lane == 0 && head != 0) report_bad(err, 0);
+    if (lane == 0 && tail != num_steps) report_bad(err, num_traj);
+    nan_steps(0, clamp_dev(head, 0, num_steps), adv, ret, lane);
+    nan_steps(clamp_dev(tail, 0, num_steps), num_steps, adv, ret, lane);
+  }
+  for (int64_t j = first; j < num_traj; j += warps) {
+    const int64_t b = toff[j], e = toff[j + 1];
+    if (!pair_ok_dev(b, e, num_steps)) {
+      if (lane == 0) report_bad(err, j);
+      nan_steps(clamp_dev(b, 0, num_steps), clamp_dev(e, 0, num_steps), adv, ret, lane);
+      continue;
+    }
+    gae_warp(b, e, Identity{}, r, v, gamma, lam, adv, ret, lane, err);
+  }
+}
+
+// NaN at the in-range tokens of steps k0..k1-1 (0 <= k0, k1 <= num_steps) whose offsets are in
+// order and in range, by one warp: the outputs a trajectory with a bad step or bad offsets would
+// have filled, as far as they can be told.
+__device__ void nan_tokens(int64_t k0, int64_t k1, const int64_t* __restrict__ tok, int64_t n_step_tokens,
+                           const int64_t* __restrict__ soff, int64_t n_tokens, DevOut adv, DevOut ret, int lane) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t b = soff[k], e = soff[k + 1];
+    if (!pair_ok_dev(b, e, n_step_tokens)) continue;
+    for (int64_t i = b + lane; i < e; i += 32) {
+      const int64_t t = tok[i];
+      if (in_range_dev(t, n_tokens)) {
+        adv.set(t, nan_dev());
+        ret.set(t, nan_dev());
+      }
+    }
+  }
+}
+
+// err[0]: traj_step_offsets, err[1]: step_token_offsets, err[2]: step_tokens (first bad position).
+__global__ void token_gae_kernel(DevIn r, DevIn v, int64_t n_tokens, const int64_t* __restrict__ tok,
+                                 int64_t n_step_tokens, const int64_t* __restrict__ soff, int64_t num_steps,
+                                 const int64_t* __restrict__ toff, int64_t num_traj, double gamma, double lam,
+                                 DevOut adv, DevOut ret, int64_t* __restrict__ err) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  if (first == 0) {  // the ends of both offset arrays, once per call
+    const int64_t head = toff[0], tail = toff[num_traj];
+    if (lane == 0) {
+      if (head != 0) report_bad(err, 0);
+      if (tail != num_steps) report_bad(err, num_traj);
+      if (soff[0] != 0) report_bad(err + 1, 0);
+      if (soff[num_steps] != n_step_tokens) report_bad(err + 1, num_steps);
+    }
+    nan_tokens(0, clamp_dev(head, 0, num_steps), tok, n_step_tokens, soff, n_tokens, adv, ret, lane);
+    nan_tokens(clamp_dev(tail, 0, num_steps), num_steps, tok, n_step_tokens, soff, n_tokens, adv, ret, lane);
+  }
+  for (int64_t j = first; j < num_traj; j += warps) {
+    const int64_t b = toff[j], e = toff[j + 1];
+    if (!pair_ok_dev(b, e, num_steps)) {
+      if (lane == 0) report_bad(err, j);
+      nan_tokens(clamp_dev(b, 0, num_steps), clamp_dev(e, 0, num_steps), tok, n_step_tokens, soff, n_tokens, adv,
+                 ret, lane);
+      continue;
+    }
+    // Every step pair of the trajectory in order and in range: then its agent tokens in time order
+    // are the one contiguous range soff[b]..soff[e] of step_tokens, inside [0, n_step_tokens].
+    int64_t bad_step = kNoError;
+    for (int64_t k = b + lane; k < e; k += 32)
+      if (!pair_ok_dev(soff[k], soff[k + 1], n_step_tokens) && k < bad_step) bad_step = k;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const int64_t o = __shfl_xor_sync(kFull, bad_step, off);
+      bad_step = o < bad_step ? o : bad_step;
+    }
+    if (bad_step != kNoError) {
+      if (lane == 0) report_bad(err + 1, bad_step);
+      nan_tokens(b, e, tok, n_step_tokens, soff, n_tokens, adv, ret, lane);
+      continue;
+    }
+    gae_warp(soff[b], soff[e], Gather{tok, n_tokens}, r, v, gamma, lam, adv, ret, lane, err + 2);
   }
 }
 
 // ---------------------------------------------------------------- broadcast
-__global__ void broadcast_kernel(DevIn v, const int32_t* __restrict__ token_step, int64_t n, DevOut out) {
+// An id >= num_values is not read: the token gets NaN and its position lowers *err.
+__global__ void broadcast_kernel(DevIn v, int64_t num_values, const int32_t* __restrict__ token_step, int64_t n,
+                                 DevOut out, int64_t* __restrict__ err) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < n; t += stride) {
     const int32_t s = token_step[t];
+    if (s >= num_values) {
+      report_bad(err, t);
+      out.set(t, nan_dev());
+      continue;
+    }
     out.set(t, s >= 0 ? v[s] : 0.0);
   }
 }
@@ -246,6 +353,12 @@ size_t sort_temp_bytes(int64_t n) {
   return temp;
 }
 
+// The GAE kernels run one warp per trajectory, and at least one warp, which checks the offsets'
+// ends even when there is no trajectory.
+unsigned gae_blocks(int64_t num_trajectories) {
+  return grid_for((num_trajectories > 0 ? num_trajectories : 1) * 32, kThreads);
+}
+
 template <typename T>
 const T* cptr(uintptr_t p) {
   return reinterpret_cast<const T*>(p);
@@ -253,52 +366,58 @@ const T* cptr(uintptr_t p) {
 
 }  // namespace
 
-void broadcast_to_tokens_cuda(uintptr_t step_values, int values_dtype, uintptr_t token_step, int64_t n,
-                              uintptr_t out, int out_dtype, uintptr_t stream, int device) {
+void broadcast_to_tokens_cuda(uintptr_t step_values, int values_dtype, int64_t num_values, uintptr_t token_step,
+                              int64_t n, uintptr_t out, int out_dtype, uintptr_t err, uintptr_t stream, int device) {
   const DeviceGuard guard(device);
   check_in_dtype("step_values", values_dtype);
   check_out_dtype("out", out_dtype);
+  require_error_words(err);
   if (n == 0) return;
   broadcast_kernel<<<grid_for(n, kThreads), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      DevIn{cptr<void>(step_values), values_dtype}, cptr<int32_t>(token_step), n,
-      DevOut{reinterpret_cast<void*>(out), out_dtype});
+      DevIn{cptr<void>(step_values), values_dtype}, num_values, cptr<int32_t>(token_step), n,
+      DevOut{reinterpret_cast<void*>(out), out_dtype}, reinterpret_cast<int64_t*>(err));
   STEPPO_CUDA_CHECK_LAUNCH("broadcast_kernel");
 }
 
-void step_gae_cuda(uintptr_t rewards, int rewards_dtype, uintptr_t values, int values_dtype,
+void step_gae_cuda(uintptr_t rewards, int rewards_dtype, uintptr_t values, int values_dtype, int64_t num_steps,
                    uintptr_t traj_step_offsets, int64_t num_trajectories, double gamma, double lam, uintptr_t adv,
-                   uintptr_t ret, int out_dtype, uintptr_t stream, int device) {
+                   uintptr_t ret, int out_dtype, uintptr_t err, uintptr_t stream, int device) {
   const DeviceGuard guard(device);
   check_in_dtype("step_rewards", rewards_dtype);
   check_in_dtype("step_values", values_dtype);
   check_out_dtype("adv", out_dtype);
-  if (num_trajectories == 0) return;
-  step_gae_kernel<<<grid_for(num_trajectories * 32, kThreads), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      DevIn{cptr<void>(rewards), rewards_dtype}, DevIn{cptr<void>(values), values_dtype},
+  require_error_words(err);
+  if (num_trajectories < 0) throw std::invalid_argument("traj_step_offsets must hold at least one offset");
+  step_gae_kernel<<<gae_blocks(num_trajectories), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+      DevIn{cptr<void>(rewards), rewards_dtype}, DevIn{cptr<void>(values), values_dtype}, num_steps,
       cptr<int64_t>(traj_step_offsets), num_trajectories, gamma, lam, DevOut{reinterpret_cast<void*>(adv), out_dtype},
-      DevOut{reinterpret_cast<void*>(ret), out_dtype});
+      DevOut{reinterpret_cast<void*>(ret), out_dtype}, reinterpret_cast<int64_t*>(err));
   STEPPO_CUDA_CHECK_LAUNCH("step_gae_kernel");
 }
 
 void token_gae_cuda(uintptr_t rewards, int rewards_dtype, uintptr_t values, int values_dtype, int64_t n_tokens,
-                    uintptr_t step_tokens, uintptr_t step_token_offsets, uintptr_t traj_step_offsets,
-                    int64_t num_trajectories, double gamma, double lam, uintptr_t adv, uintptr_t ret, int out_dtype,
-                    uintptr_t stream, int device) {
+                    uintptr_t step_tokens, int64_t n_step_tokens, uintptr_t step_token_offsets, int64_t num_steps,
+                    uintptr_t traj_step_offsets, int64_t num_trajectories, double gamma, double lam, uintptr_t adv,
+                    uintptr_t ret, int out_dtype, uintptr_t err, uintptr_t stream, int device) {
   const DeviceGuard guard(device);
   check_in_dtype("token_rewards", rewards_dtype);
   check_in_dtype("token_values", values_dtype);
   check_out_dtype("adv", out_dtype);
-  if (n_tokens == 0) return;
+  require_error_words(err);
+  if (num_trajectories < 0) throw std::invalid_argument("traj_step_offsets must hold at least one offset");
+  if (num_steps < 0) throw std::invalid_argument("step_token_offsets must hold at least one offset");
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const size_t bytes = static_cast<size_t>(n_tokens) * (out_dtype == kFloat64 ? 8 : 4);
   // Tokens of no step get 0 (all-zero bits are 0.0 in both output dtypes).
-  STEPPO_CUDA_CHECK(cudaMemsetAsync(reinterpret_cast<void*>(adv), 0, bytes, s));
-  STEPPO_CUDA_CHECK(cudaMemsetAsync(reinterpret_cast<void*>(ret), 0, bytes, s));
-  if (num_trajectories == 0) return;
-  token_gae_kernel<<<grid_for(num_trajectories * 32, kThreads), kThreads, 0, s>>>(
-      DevIn{cptr<void>(rewards), rewards_dtype}, DevIn{cptr<void>(values), values_dtype}, cptr<int64_t>(step_tokens),
-      cptr<int64_t>(step_token_offsets), cptr<int64_t>(traj_step_offsets), num_trajectories, gamma, lam,
-      DevOut{reinterpret_cast<void*>(adv), out_dtype}, DevOut{reinterpret_cast<void*>(ret), out_dtype});
+  if (bytes > 0) {
+    STEPPO_CUDA_CHECK(cudaMemsetAsync(reinterpret_cast<void*>(adv), 0, bytes, s));
+    STEPPO_CUDA_CHECK(cudaMemsetAsync(reinterpret_cast<void*>(ret), 0, bytes, s));
+  }
+  token_gae_kernel<<<gae_blocks(num_trajectories), kThreads, 0, s>>>(
+      DevIn{cptr<void>(rewards), rewards_dtype}, DevIn{cptr<void>(values), values_dtype}, n_tokens,
+      cptr<int64_t>(step_tokens), n_step_tokens, cptr<int64_t>(step_token_offsets), num_steps,
+      cptr<int64_t>(traj_step_offsets), num_trajectories, gamma, lam, DevOut{reinterpret_cast<void*>(adv), out_dtype},
+      DevOut{reinterpret_cast<void*>(ret), out_dtype}, reinterpret_cast<int64_t*>(err));
   STEPPO_CUDA_CHECK_LAUNCH("token_gae_kernel");
 }
 

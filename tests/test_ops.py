@@ -142,10 +142,10 @@ def test_cuda_module_imports_and_raises_without_gpu():
     assert mod.device_count() == 0
     # Every kernel entry point is bound and checks for a device before touching a pointer.
     calls = {
-        "step_rewards_cuda": (0, 0, 0, 0, 1, 0, 0, 0, 0),
-        "broadcast_to_tokens_cuda": (0, 0, 0, 1, 0, 0, 0, 0),
-        "step_gae_cuda": (0, 0, 0, 0, 0, 1, 1.0, 1.0, 0, 0, 0, 0, 0),
-        "token_gae_cuda": (0, 0, 0, 0, 1, 0, 0, 0, 1, 1.0, 1.0, 0, 0, 0, 0, 0),
+        "step_rewards_cuda": (0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0),
+        "broadcast_to_tokens_cuda": (0, 0, 0, 0, 1, 0, 0, 0, 0, 0),
+        "step_gae_cuda": (0, 0, 0, 0, 0, 0, 1, 1.0, 1.0, 0, 0, 0, 0, 0, 0),
+        "token_gae_cuda": (0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1.0, 1.0, 0, 0, 0, 0, 0, 0),
         "whiten_moments_cuda": (0, 0, 0, 1, 0, 0, 0, 0),
         "whiten_apply_cuda": (0, 0, 0, 1, 0, 0, 1e-8, 0, 0, 0, 0),
         "group_advantage_cuda_workspace": (1, 0),

@@ -38,10 +38,12 @@ from .losses import AGG_CODES, KL_CODES, POLICY_METRICS, policy_loss, value_loss
 from .linear_head import linear_policy_loss, linear_token_logprobs  # noqa: F401
 from .credit import (GROUP_NORMS, SINGLETONS, WHITEN_MODES, broadcast_to_tokens, group_advantage,  # noqa: F401
                      step_gae, step_rewards, token_gae, whiten)
+from ._guards import check_index_errors, index_errors  # noqa: F401
 
 __all__ = [
     "AGG_CODES", "BACKENDS", "GROUP_NORMS", "KL_CODES", "POLICY_METRICS", "SINGLETONS", "WHITEN_MODES",
-    "available_backends", "broadcast_to_tokens", "group_advantage", "linear_policy_loss", "linear_token_logprobs",
+    "available_backends", "broadcast_to_tokens", "check_index_errors", "group_advantage", "index_errors",
+    "linear_policy_loss", "linear_token_logprobs",
     "policy_loss", "register_backend", "registered_ops", "resolve_backend", "row_geometry", "step_gae",
     "step_rewards", "token_gae", "token_logprobs", "value_loss", "whiten",
 ]

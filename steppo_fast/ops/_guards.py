@@ -1,4 +1,5 @@
-"""The checks every raw op runs before it dispatches: O(1), no host synchronisation.
+"""The checks every raw op runs before it dispatches: O(1), no host synchronisation; and the
+error words through which the GPU kernels report bad index values (at the end of this file).
 
 They look at what a tensor *is* (type, dtype, device, number of dimensions, length), never at
 what it holds, so they cost nothing on any device and keep the ops traceable. What they buy:
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence
+import os
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -111,3 +113,124 @@ def no_internal_overlap(op: str, name: str, t: Tensor) -> None:
                              f"shape {tuple(t.shape)}, strides {tuple(t.stride())}); writing the gradient into it "
                              "in place would be wrong. Pass a contiguous copy or use inplace_backward=False")
         span = (sz - 1) * st + span
+
+
+# ---------------------------------------------------------------- index errors on a GPU
+# The GPU kernels (CUDA, and Triton's step_rewards, also when interpreted) cannot raise without
+# waiting for the device. Instead they check every index and offset where they read it, skip a
+# bad entry, write NaN into the outputs it would have filled and lower an error word: an int64
+# that holds the first bad position seen (NO_ERROR while there is none). The words live on the
+# device, one per checked argument of each op, and collect every call until they are read:
+# ``index_errors`` / ``check_index_errors`` read them (a synchronisation: call them where the
+# training loop synchronises anyway). With STEPPO_FAST_SYNC_INDEX_CHECKS=1 every call gets words
+# of its own and checks them at once, raising the ValueError the C++ kernels raise (slow: one
+# synchronisation per call; for debugging).
+
+NO_ERROR = 2 ** 63 - 1
+SYNC_INDEX_CHECKS_ENV = "STEPPO_FAST_SYNC_INDEX_CHECKS"
+
+# op -> the arguments whose first bad position its GPU kernels report, in the order of their words.
+INDEX_ARGS = {
+    "step_rewards": ("step_token_offsets", "step_tokens"),
+    "broadcast_to_tokens": ("token_step",),
+    "step_gae": ("traj_step_offsets",),
+    "token_gae": ("traj_step_offsets", "step_token_offsets", "step_tokens"),
+}
+_FIRST_WORD, _NUM_WORDS = {}, 0  # op -> its first word in a device's words; their number
+for _op, _args in INDEX_ARGS.items():
+    _FIRST_WORD[_op] = _NUM_WORDS
+    _NUM_WORDS += len(_args)
+_records = {}  # device -> (_NUM_WORDS,) int64 words on that device
+_views = {}  # (device, op) -> the op's slice of the device's words
+
+
+def sync_index_checks() -> bool:
+    """True when STEPPO_FAST_SYNC_INDEX_CHECKS=1: each GPU call checks its indices at once."""
+    return os.environ.get(SYNC_INDEX_CHECKS_ENV, "0") == "1"
+
+
+def _record(device: torch.device) -> Tensor:
+    rec = _records.get(device)
+    if rec is None:
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                if torch.cuda.is_current_stream_capturing():
+                    # Created inside a capture, the words would be set only when the graph replays.
+                    raise RuntimeError(
+                        f"steppo_fast: the first index-checked op on {device} runs inside a CUDA-graph capture; "
+                        "run the captured function once before capturing it (the warm-up a capture needs anyway), "
+                        "which creates the device's index error words")
+        rec = torch.full((_NUM_WORDS,), NO_ERROR, dtype=torch.int64, device=device)
+        _records[device] = rec
+    return rec
+
+
+def index_words(op: str, device: torch.device):
+    """(words, sync): the error words ``op``'s GPU kernel lowers in this call, and whether the call
+    must check them at once (see ``check_call``). Without STEPPO_FAST_SYNC_INDEX_CHECKS: the op's
+    slice of the device's words, shared by every call until they are read; no allocation, no
+    launch. With it: fresh words for this call alone."""
+    if sync_index_checks():
+        return torch.full((len(INDEX_ARGS[op]),), NO_ERROR, dtype=torch.int64, device=device), True
+    view = _views.get((device, op))
+    if view is None:
+        first = _FIRST_WORD[op]
+        view = _views[(device, op)] = _record(device)[first:first + len(INDEX_ARGS[op])]
+    return view, False
+
+
+def _bad(op: str, words) -> List[tuple]:
+    return [(name, pos) for name, pos in zip(INDEX_ARGS[op], words) if pos != NO_ERROR]
+
+
+def _describe(op: str, bad) -> str:
+    return "; ".join(f"{op}: {name}[{pos}] is out of range" for name, pos in bad)
+
+
+def check_call(op: str, words: Tensor, recheck: Optional[Callable[[], object]] = None) -> None:
+    """For a call with words of its own (STEPPO_FAST_SYNC_INDEX_CHECKS=1): reads them (a
+    synchronisation) and raises ValueError if any is set. ``recheck`` reruns the call on the CPU
+    kernel, whose ValueError names the argument, position and value exactly; it is raised instead
+    when it comes."""
+    bad = _bad(op, words.tolist())
+    if not bad:
+        return
+    if recheck is not None:
+        recheck()  # raises the C++ kernel's ValueError
+    raise ValueError(_describe(op, bad) + " (first bad position; the GPU kernel skipped it and wrote NaN)")
+
+
+def index_errors(device=None, reset: bool = True) -> Dict[str, int]:
+    """The bad indices the GPU kernels met since the words were last reset: ``{"op: argument":
+    first bad position}`` (the smallest position over all those calls), empty when there were
+    none. Reads the words of ``device`` (every device that has them when None): this waits for
+    the device, so call it where you synchronise anyway. ``reset`` sets the words back to none."""
+    if device is None:
+        devices = list(_records)
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        devices = [dev]
+    out = {}
+    for dev in devices:
+        rec = _records.get(dev)
+        if rec is None:
+            continue
+        words = rec.tolist()
+        if reset:
+            rec.fill_(NO_ERROR)
+        for op, first in _FIRST_WORD.items():
+            for name, pos in _bad(op, words[first:first + len(INDEX_ARGS[op])]):
+                out[f"{op}: {name}" if len(devices) == 1 else f"{op} on {dev}: {name}"] = pos
+    return out
+
+
+def check_index_errors(device=None) -> None:
+    """Raises ValueError naming every op, argument and first bad position that ``index_errors``
+    reports (and resets the words); returns quietly when the GPU kernels met no bad index."""
+    bad = index_errors(device)
+    if bad:
+        raise ValueError("GPU kernels skipped out-of-range indices or offsets and wrote NaN in their place: "
+                         + "; ".join(f"{k}[{v}]" for k, v in sorted(bad.items()))
+                         + " (first bad position over the calls since the last check)")

@@ -2,6 +2,11 @@
 
 Each op has the reference, a C++ kernel (``_C``) and a CUDA kernel (``_C_cuda``); ``step_rewards``
 also a Triton kernel (``kernels/step_rewards.py``).
+
+Every kernel checks the index and offset values it reads against the sizes it is given. The C++
+kernels raise ValueError naming the first bad one; the GPU kernels, which cannot raise without
+waiting for the device, skip it, write NaN where it would have gone and report it in error words
+on the device (``_guards``: ``index_errors``, ``check_index_errors``, STEPPO_FAST_SYNC_INDEX_CHECKS).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from torch import Tensor
 from .. import _native
 from .. import reference as ref
 from . import _guards as guard
-from ._registry import _acc, _run, register_backend
+from ._registry import _IMPLS, _acc, _run, register_backend
 
 
 @torch.library.custom_op("steppo_fast::step_rewards", mutates_args=())
@@ -60,12 +65,12 @@ def _step_rewards_cuda(token_rewards, token_step, step_tokens, step_token_offset
     mod = _native.cuda_module()
     out = torch.empty(step_token_offsets.numel() - 1, dtype=_acc(token_rewards), device=token_rewards.device)
     r = token_rewards.contiguous()
-    mod.step_rewards_cuda(
-        _native.ptr("token_rewards", r), _native.dtype_code("token_rewards", r),
-        _native.ptr("step_tokens", step_tokens, torch.int64),
-        _native.ptr("step_token_offsets", step_token_offsets, torch.int64),
-        out.numel(), out.data_ptr(), _native.dtype_code("out", out), _native.cuda_stream(r), r.device.index or 0,
-    )
+    _checked("step_rewards", r.device, (token_rewards, token_step, step_tokens, step_token_offsets),
+             lambda err: mod.step_rewards_cuda(
+                 _native.ptr("token_rewards", r), _native.dtype_code("token_rewards", r), r.numel(),
+                 _native.ptr("step_tokens", step_tokens, torch.int64), step_tokens.numel(),
+                 _native.ptr("step_token_offsets", step_token_offsets, torch.int64),
+                 out.numel(), out.data_ptr(), _native.dtype_code("out", out), err.data_ptr(), *_on_device(r)))
     return out
 
 
@@ -73,7 +78,9 @@ def _step_rewards_cuda(token_rewards, token_step, step_tokens, step_token_offset
 def _step_rewards_triton(token_rewards, token_step, step_tokens, step_token_offsets):
     from ..kernels import step_rewards as k
 
-    return k.step_rewards(token_rewards.contiguous(), step_tokens.contiguous(), step_token_offsets.contiguous())
+    return _checked("step_rewards", token_rewards.device, (token_rewards, token_step, step_tokens, step_token_offsets),
+                    lambda err: k.step_rewards(token_rewards.contiguous(), step_tokens.contiguous(),
+                                               step_token_offsets.contiguous(), err))
 
 
 def step_rewards(token_rewards: Tensor, token_step: Tensor, step_tokens: Tensor, step_token_offsets: Tensor,
@@ -87,6 +94,8 @@ def step_rewards(token_rewards: Tensor, token_step: Tensor, step_tokens: Tensor,
     Returns:
         (S,) float32 (float64 for float64 rewards), S = ``step_token_offsets.numel() - 1``.
     Raises ValueError for a bad size; on the CPU kernel also for an index or offset out of range.
+    On a GPU a step with an offset pair out of order or out of range, or a token index outside
+    [0, N), gets NaN and is reported in the device's error words (``ops.check_index_errors``).
     """
     return _step_rewards(token_rewards, token_step, step_tokens, step_token_offsets, backend)
 
@@ -127,26 +136,42 @@ def _check_offsets(op: str, name: str, t, device) -> Tensor:
     return t
 
 
-class _CpuArg:
-    """An argument only the C++ kernel takes (a size it checks indices against); the CUDA
-    kernel's signature does not have it (yet), so ``_launch`` drops it there."""
-
-    def __init__(self, value):
-        self.value = value
-
-
 def _on_device(t: Tensor):
     """(stream, device index) arguments of a _C_cuda call for tensors on t's device."""
     return _native.cuda_stream(t), t.device.index or 0
 
 
-def _launch(kind: str, name: str, like: Tensor, *args):
+def _on_cpu(op: str, inputs):
+    """A callable that reruns ``op``'s C++ kernel on CPU copies of ``inputs`` (the op's impl
+    arguments), whose ValueError names a bad index exactly; nothing when _C is not built."""
+    def run():
+        if _native.cpu_module() is not None:
+            _IMPLS[op]["cpp"](*(x.cpu() if isinstance(x, Tensor) else x for x in inputs))
+    return run
+
+
+def _checked(op: str, device: torch.device, inputs, call):
+    """Runs ``call(err)`` for a GPU kernel of ``op`` that reports bad indices in the error words
+    ``err`` (a device int64 tensor, one word per argument of ``_guards.INDEX_ARGS[op]``), and in
+    the sync mode checks them at once."""
+    words, sync = guard.index_words(op, device)
+    out = call(words)
+    if sync:
+        guard.check_call(op, words, _on_cpu(op, inputs))
+    return out
+
+
+def _launch(kind: str, name: str, like: Tensor, *args, inputs=()):
     """Calls kernel ``name`` of _C (kind "cpp": ``name_cpu``) or _C_cuda (kind "cuda":
-    ``name_cuda``, with the stream and device of ``like`` appended)."""
+    ``name_cuda``, with the stream and device of ``like`` appended). Both take the same arguments;
+    the CUDA kernels of the ops in ``_guards.INDEX_ARGS`` also take their error words, before the
+    stream (``inputs``: the op's impl arguments, for the sync mode's message)."""
     if kind == "cpp":
-        return getattr(_native.cpu_module(), f"{name}_cpu")(*(a.value if isinstance(a, _CpuArg) else a for a in args))
-    args = tuple(a for a in args if not isinstance(a, _CpuArg))
-    return getattr(_native.cuda_module(), f"{name}_cuda")(*args, *_on_device(like))
+        return getattr(_native.cpu_module(), f"{name}_cpu")(*args)
+    fn = getattr(_native.cuda_module(), f"{name}_cuda")
+    if name not in guard.INDEX_ARGS:
+        return fn(*args, *_on_device(like))
+    return _checked(name, like.device, inputs, lambda err: fn(*args, err.data_ptr(), *_on_device(like)))
 
 
 def _register_native(op: str):
@@ -167,7 +192,8 @@ def _broadcast_to_tokens_native(kind):
                           device=v.device)
         # With no steps every token_step is -1: the kernel writes zeros and reads no value.
         _launch(kind, "broadcast_to_tokens", v, v.data_ptr(), _native.dtype_code("step_values", v),
-                _CpuArg(v.numel()), ts.data_ptr(), ts.numel(), out.data_ptr(), _native.dtype_code("out", out))
+                v.numel(), ts.data_ptr(), ts.numel(), out.data_ptr(), _native.dtype_code("out", out),
+                inputs=(step_values, token_step))
         return out.to(step_values.dtype)  # same dtype as the values (a copy is exact)
     return impl
 
@@ -176,7 +202,8 @@ def broadcast_to_tokens(step_values: Tensor, token_step: Tensor, backend: str = 
     """(N,) tensor: step_values[token_step[t]] on agent tokens, 0 elsewhere (SPEC 4).
 
     step_values: (S,) float; token_step: (N,) integer, a step id in [0, S) or negative (no step).
-    An id >= S raises ValueError on the CPU kernel."""
+    An id >= S raises ValueError on the CPU kernel; on a GPU its token gets NaN and is reported in
+    the device's error words (``ops.check_index_errors``)."""
     return _broadcast_to_tokens(step_values, token_step, backend)
 
 
@@ -207,9 +234,9 @@ def _step_gae_native(kind):
         dt = _acc(step_rewards, step_values)
         adv, ret = torch.empty(r.shape, dtype=dt, device=r.device), torch.empty(r.shape, dtype=dt, device=r.device)
         _launch(kind, "step_gae", r, r.data_ptr(), _native.dtype_code("step_rewards", r), v.data_ptr(),
-                _native.dtype_code("step_values", v), _CpuArg(r.numel()), off.data_ptr(), off.numel() - 1,
-                float(gamma), float(lam),
-                adv.data_ptr(), ret.data_ptr(), _native.dtype_code("adv", adv))
+                _native.dtype_code("step_values", v), r.numel(), off.data_ptr(), off.numel() - 1,
+                float(gamma), float(lam), adv.data_ptr(), ret.data_ptr(), _native.dtype_code("adv", adv),
+                inputs=(step_rewards, step_values, traj_step_offsets, gamma, lam))
         return adv, ret
     return impl
 
@@ -220,7 +247,9 @@ def step_gae(step_rewards: Tensor, step_values: Tensor, traj_step_offsets: Tenso
 
     step_rewards, step_values: (S,) float; traj_step_offsets: (R+1,) integer CSR offsets from 0 to S
     (trajectory r's steps are ``traj_step_offsets[r]:traj_step_offsets[r + 1]``, in time order);
-    gamma, lam: finite, in [0, 1]. Bad offsets raise ValueError on the CPU kernel."""
+    gamma, lam: finite, in [0, 1]. Bad offsets raise ValueError on the CPU kernel; on a GPU the
+    steps they would have covered get NaN and they are reported in the device's error words
+    (``ops.check_index_errors``)."""
     gamma = guard.number("step_gae", "gamma", gamma, 0.0, 1.0)
     lam = guard.number("step_gae", "lam", lam, 0.0, 1.0)
     return _step_gae(step_rewards, step_values, traj_step_offsets, gamma, lam, backend)
@@ -259,10 +288,10 @@ def _token_gae_native(kind):
         dt = _acc(token_rewards, token_values)
         adv, ret = torch.empty(r.shape, dtype=dt, device=r.device), torch.empty(r.shape, dtype=dt, device=r.device)
         _launch(kind, "token_gae", r, r.data_ptr(), _native.dtype_code("token_rewards", r), v.data_ptr(),
-                _native.dtype_code("token_values", v), r.numel(), tok.data_ptr(), _CpuArg(tok.numel()),
-                soff.data_ptr(), _CpuArg(soff.numel() - 1), toff.data_ptr(), toff.numel() - 1, float(gamma),
-                float(lam), adv.data_ptr(), ret.data_ptr(),
-                _native.dtype_code("adv", adv))
+                _native.dtype_code("token_values", v), r.numel(), tok.data_ptr(), tok.numel(),
+                soff.data_ptr(), soff.numel() - 1, toff.data_ptr(), toff.numel() - 1, float(gamma),
+                float(lam), adv.data_ptr(), ret.data_ptr(), _native.dtype_code("adv", adv),
+                inputs=(token_rewards, token_values, step_tokens, step_token_offsets, traj_step_offsets, gamma, lam))
         return adv, ret
     return impl
 
@@ -275,7 +304,9 @@ def token_gae(token_rewards: Tensor, token_values: Tensor, step_tokens: Tensor, 
     token_rewards, token_values: (N,) float; step_tokens (N_active,) with entries in [0, N),
     step_token_offsets (S+1,) CSR offsets from 0 to N_active, traj_step_offsets (R+1,) CSR offsets
     from 0 to S (the layout's); gamma, lam: finite, in [0, 1]. Bad indices or offsets raise
-    ValueError on the CPU kernel."""
+    ValueError on the CPU kernel; on a GPU the tokens they would have filled get NaN (a bad token
+    index: the trajectory's tokens before it, which depend on it) and they are reported in the
+    device's error words (``ops.check_index_errors``)."""
     gamma = guard.number("token_gae", "gamma", gamma, 0.0, 1.0)
     lam = guard.number("token_gae", "lam", lam, 0.0, 1.0)
     return _token_gae(token_rewards, token_values, step_tokens, step_token_offsets, traj_step_offsets,
