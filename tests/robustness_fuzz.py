@@ -4,6 +4,10 @@
 ``python tests/robustness_fuzz.py EXAMPLES`` and requires a normal exit: a kernel that reads or
 writes out of bounds takes the whole process down, which no in-process test could report.
 
+With a device argument (``python tests/robustness_fuzz.py EXAMPLES cuda``, or ``cpu`` with
+TRITON_INTERPRET=1) it runs a fourth family instead: the GPU kernels of the ops that index by
+value, against the C++ kernel's checks (``fuzz_gpu_index_checks``).
+
 Three families of inputs, each drawn by hypothesis (derandomised: the same examples every run):
 
 * layouts built with ``validate=False`` (packed rows, step rows, turns) from random step ids,
@@ -255,8 +259,98 @@ def fuzz_raw_ops(examples: int) -> None:
     check()
 
 
+# ------------------------------------------------------------------ the GPU kernels' index checks
+INDEX_CHECKED = ("step_rewards", "broadcast_to_tokens", "step_gae", "token_gae")
+
+
+@st.composite
+def index_checked_call(draw, names=INDEX_CHECKED):
+    """(op, args): one raw op of ``names`` (their GPU kernels check index values), with lengths that
+    agree and index values that are mostly right and often not."""
+    op = draw(st.sampled_from(names))
+    n, m, k = draw(small), draw(small), draw(st.integers(1, 5))
+
+    def f(size):
+        return draw(float_tensor(n=size))
+
+    def i(size, dtype=torch.int64, below=None):
+        vals = index_value if below is None else st.one_of(st.integers(0, max(below - 1, 0)), index_value)
+        return torch.tensor(draw(st.lists(vals, min_size=size, max_size=size)), dtype=torch.int64).to(dtype)
+
+    def offsets(count, total):
+        if count == 0:  # no entries: one offset, which must be 0 and total at once
+            return torch.tensor([draw(st.sampled_from((0, total)))])
+        if draw(st.booleans()):
+            cuts = sorted(draw(st.lists(st.integers(0, total), min_size=count - 1, max_size=count - 1)))
+            return torch.tensor([0] + cuts + [total])
+        return i(count + 1, below=total + 1)
+
+    if op == "step_rewards":
+        return op, (f(n), i(n, torch.int32, below=k), i(m, below=n), offsets(k, m))
+    if op == "broadcast_to_tokens":
+        return op, (f(k), i(n, torch.int32, below=k))
+    if op == "step_gae":
+        return op, (f(m), f(m), offsets(k, m), 0.9, 0.8)
+    return op, (f(n), f(n), i(m, below=n), offsets(k, m), offsets(draw(st.integers(0, 3)), k), 0.9, 0.8)
+
+
+def fuzz_gpu_index_checks(examples: int, device: torch.device) -> None:
+    """The GPU kernels of the index-checked ops on ``device`` (on the CPU: the Triton kernels, in the
+    interpreter) against the C++ kernel: they never raise; a call reports bad indices in the
+    device's error words exactly when the C++ kernel raises, the argument the C++ kernel names among
+    them; a good call gives the C++ kernel's results (to rounding) and reports nothing; a step
+    reward is NaN exactly where the step's offsets or one of its tokens is bad (or its rewards hold
+    NaN)."""
+    from steppo_fast.ops._registry import available_backends
+    from steppo_fast.testing import assert_close
+
+    names = [op for op in INDEX_CHECKED if set(available_backends(op, device.type)) & {"triton", "cuda"}]
+
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(index_checked_call(names))
+    def check(call):
+        op, args = call
+        try:
+            want, named = getattr(ops, op)(*args, backend="cpp"), None
+        except ValueError as exc:
+            want, named = None, str(exc).split("[")[0].split(" ")[0]
+        for backend in ("triton", "cuda"):
+            if backend not in available_backends(op, device.type):
+                continue
+            ops.index_errors(device)
+            got = getattr(ops, op)(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in args),
+                                   backend=backend)
+            seen = ops.index_errors(device)
+            where = f"{op} {backend} {args}: {seen}, C++: {named}"
+            assert bool(seen) == (named is not None), where
+            # A token listed twice (in range, so no error) has two writers in token GAE, in an order
+            # the GPU does not fix: its values are compared only when every token is listed once.
+            racy = op == "token_gae" and args[2].unique().numel() < args[2].numel()
+            if named is not None:
+                assert f"{op}: {named}" in seen, where
+            elif not racy:
+                pairs = zip(got, want) if isinstance(got, tuple) else [(got, want)]
+                for g, w in pairs:
+                    assert_close(g.cpu(), w, msg=where)
+            if op == "step_rewards":
+                r, _, tok, off = args
+                nan = []
+                for s in range(off.numel() - 1):
+                    b, e = int(off[s]), int(off[s + 1])
+                    ok = 0 <= b <= e <= tok.numel() and all(0 <= int(t) < r.numel() for t in tok[b:e])
+                    nan.append(not ok or bool(torch.isnan(r[tok[b:e]]).any()))
+                assert torch.isnan(got.cpu()).tolist() == nan, where
+
+    check()
+
+
 if __name__ == "__main__":
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+    if len(sys.argv) > 2:  # a device: the index checks of the GPU kernels there
+        fuzz_gpu_index_checks(n, torch.device(sys.argv[2]))
+        print("fuzz: GPU kernels agree with the C++ checks")
+        sys.exit(0)
     fuzz_unvalidated_layouts(n)
     fuzz_corrupted_layouts(n)
     fuzz_raw_ops(3 * n)

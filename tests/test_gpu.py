@@ -6,6 +6,10 @@ there is one (TRITON_DEVICE = "cuda"); these add what has no CPU counterpart.
 """
 
 import contextlib
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -210,3 +214,172 @@ def test_kernels_run_on_their_tensors_device_and_leave_the_current_device():
         results[index] = [t.detach().cpu() for t in out]
     for a, b in zip(results[1], results[0]):  # deterministic kernels: the same bits on either device
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ bad index values
+# The CUDA kernels (and Triton's step_rewards) skip a bad index or offset, write NaN into the
+# outputs it would have filled and report its first position in the device's error words; they
+# never raise, synchronise or trap (README, "What validate=False promises").
+NAN = float("nan")
+
+
+def _same(got, want, msg=""):
+    """Equal values, NaN at the same places (want: a tensor or a list, NaN where NaN is expected)."""
+    assert_close(got, want if isinstance(want, torch.Tensor) else torch.tensor(want, dtype=torch.float64), msg=msg)
+
+
+def _bad_calls(dev):
+    """name -> (call, expected error words, check of the call's outputs). Each feeds one kind of bad
+    index to one kernel; the cases of tests/test_robustness.py that the C++ kernels refuse."""
+    f = dict(device=dev)
+    i32 = dict(dtype=torch.int32, device=dev)
+    i64 = dict(dtype=torch.int64, device=dev)
+    r3 = torch.tensor([1.0, 2.0, 3.0], **f)
+    sr_args = (torch.arange(6, dtype=torch.float64, device=dev), torch.zeros(6, **i32),
+               torch.tensor([0, 1, 2, 9, 4, 5, -1], **i64), torch.tensor([0, 2, 4, 3, 7, 9], **i64))
+    g, lam = 0.9, 0.8
+    r4, v4 = torch.tensor([1.0, -2.0, 0.5, 3.0], **f), torch.tensor([0.2, 0.1, -0.3, 0.4], **f)
+
+    def gae(r, v, off):  # the fp64 reference's advantages on the CPU
+        return ref.step_gae(r.double().cpu(), v.double().cpu(), torch.tensor(off), g, lam)[0]
+
+    def step_gae_order(out):
+        adv = out[0]
+        _same(adv[0], gae(r4[:3], v4[:3], [0, 3])[0])  # only trajectory 0 covers step 0
+        _same(adv[3], gae(r4[1:], v4[1:], [0, 3])[2])  # only trajectory 2 covers step 3
+
+    return {
+        "broadcast id": (
+            lambda: ops.broadcast_to_tokens(torch.tensor([1.0, 2.0], **f), torch.tensor([0, 10 ** 8, -1, 1, 2], **i32)),
+            {"broadcast_to_tokens: token_step": 1}, lambda out: _same(out, [1.0, NAN, 0.0, 2.0, NAN])),
+        "step_gae end": (
+            lambda: ops.step_gae(r4[:2], v4[:2], torch.tensor([0, 10 ** 6], **i64), g, lam),
+            {"step_gae: traj_step_offsets": 0}, lambda out: [_same(o, [NAN, NAN]) for o in out]),
+        "step_gae no trajectory": (
+            lambda: ops.step_gae(r4[:3], v4[:3], torch.tensor([0], **i64), g, lam),
+            {"step_gae: traj_step_offsets": 0}, lambda out: [_same(o, [NAN] * 3) for o in out]),
+        "step_gae order": (
+            lambda: ops.step_gae(r4, v4, torch.tensor([0, 3, 1, 4], **i64), g, lam),
+            {"step_gae: traj_step_offsets": 1}, step_gae_order),
+        "token_gae token": (
+            lambda: ops.token_gae(r3, r3, torch.tensor([0, 10 ** 6], **i64), torch.tensor([0, 2], **i64),
+                                  torch.tensor([0, 1], **i64), g, lam),
+            {"token_gae: step_tokens": 1}, lambda out: [_same(o, [NAN, 0.0, 0.0]) for o in out]),
+        "token_gae step offsets": (
+            lambda: ops.token_gae(r3, r3, torch.tensor([0, 1, 2], **i64), torch.tensor([0, 2, 5], **i64),
+                                  torch.tensor([0, 2], **i64), g, lam),
+            {"token_gae: step_token_offsets": 1}, lambda out: [_same(o, [NAN, NAN, 0.0]) for o in out]),
+        "token_gae trajectory offsets": (
+            lambda: ops.token_gae(r3, r3 * 0, torch.tensor([0, 1, 2], **i64), torch.tensor([0, 1, 3], **i64),
+                                  torch.tensor([0, 1, 5], **i64), g, lam),
+            {"token_gae: traj_step_offsets": 1},
+            lambda out: (_same(out[0], [1.0, NAN, NAN]), _same(out[1], [1.0, NAN, NAN]))),
+        "step_rewards cuda": (
+            lambda: ops.step_rewards(*sr_args, backend="cuda"),
+            {"step_rewards: step_token_offsets": 2, "step_rewards: step_tokens": 3},
+            lambda out: _same(out, [1.0, NAN, NAN, NAN, NAN])),
+        "step_rewards triton": (
+            lambda: ops.step_rewards(*sr_args, backend="triton"),
+            {"step_rewards: step_token_offsets": 2, "step_rewards: step_tokens": 3},
+            lambda out: _same(out, [1.0, NAN, NAN, NAN, NAN])),
+    }
+
+
+_BAD_CASES = list(_bad_calls("cpu"))
+
+
+@pytest.mark.parametrize("case", _BAD_CASES)
+def test_gpu_kernels_skip_a_bad_index_write_nan_and_report_it(case):
+    dev = torch.device("cuda")
+    call, words, check = _bad_calls(dev)[case]
+    ops.index_errors(dev)
+    out = call()
+    check(out)
+    assert ops.index_errors(dev) == words
+    assert ops.index_errors(dev) == {}
+    call()
+    with pytest.raises(ValueError, match=re.escape(next(iter(words))) + r"\[\d+\]"):
+        ops.check_index_errors(dev)
+
+
+def test_gpu_kernels_report_bad_indices_without_synchronising():
+    dev = torch.device("cuda")
+    calls = _bad_calls(dev)
+    for call, _, _ in calls.values():  # first calls compile and load kernels
+        call()
+    ops.index_errors(dev)
+    with no_sync():
+        outs = [call() for call, _, _ in calls.values()]
+    for (_, _, check), out in zip(calls.values(), outs):
+        check(out)
+    want = {}
+    for _, words, _ in calls.values():
+        for k, v in words.items():
+            want[k] = min(want.get(k, v), v)
+    assert ops.index_errors(dev) == want
+
+
+def test_gpu_sync_index_checks_raise_the_cpp_kernels_error(monkeypatch):
+    dev = torch.device("cuda")
+    monkeypatch.setenv("STEPPO_FAST_SYNC_INDEX_CHECKS", "1")
+    with pytest.raises(ValueError, match=r"token_step\[1\] = 100000000 is not below the number of step values \(2\)"):
+        ops.broadcast_to_tokens(torch.ones(2, device=dev), torch.tensor([0, 10 ** 8], dtype=torch.int32, device=dev))
+    with pytest.raises(ValueError, match=r"step_tokens\[1\] = 1000000 is outside \[0, 3\)"):
+        ops.token_gae(torch.zeros(3, device=dev), torch.zeros(3, device=dev),
+                      torch.tensor([0, 10 ** 6], device=dev), torch.tensor([0, 2], device=dev),
+                      torch.tensor([0, 1], device=dev))
+    for backend in ("cuda", "triton"):
+        with pytest.raises(ValueError, match=r"step_token_offsets must be non-decreasing offsets in \[0, 7\]"):
+            _bad_calls(dev)[f"step_rewards {backend}"][0]()
+    ops.index_errors(dev)
+    ops.broadcast_to_tokens(torch.ones(2, device=dev), torch.tensor([0, 1], dtype=torch.int32, device=dev))
+    assert ops.index_errors(dev) == {}  # the calls had words of their own
+
+
+def test_gpu_good_calls_report_nothing_and_keep_their_bits():
+    dev = torch.device("cuda")
+    lay, rew = _layout(dev, seed=7, n_traj=64)
+    g = torch.Generator(device=dev).manual_seed(7)
+    N, S = lay.num_tokens, lay.num_steps
+    sv, tv = torch.randn(S, device=dev, generator=g), torch.randn(N, device=dev, generator=g)
+    ts, tok, soff, toff = lay.token_step, lay.step_tokens, lay.step_token_offsets, lay.traj_step_offsets
+
+    def run():
+        sr = {b: ops.step_rewards(rew, ts, tok, soff, b) for b in ("cuda", "triton")}
+        return [sr["cuda"], sr["triton"], ops.broadcast_to_tokens(sr["cuda"], ts),
+                *ops.step_gae(sr["cuda"], sv, toff, 0.99, 0.95), *ops.token_gae(rew, tv, tok, soff, toff, 0.99, 0.95)]
+
+    ops.index_errors(dev)
+    first = run()
+    assert ops.index_errors(dev) == {}
+    for a, b in zip(first, run()):  # deterministic
+        assert torch.equal(a, b)
+    cpu = [rew.cpu(), ts.cpu(), tok.cpu(), soff.cpu(), toff.cpu()]
+    # The CUDA step rewards sum each step in the C++ kernel's order; broadcasting is a copy.
+    assert torch.equal(first[0].cpu(), ops.step_rewards(*cpu[:4], backend="cpp"))
+    assert torch.equal(first[2].cpu(), ops.broadcast_to_tokens(first[0].cpu(), cpu[1], backend="cpp"))
+    want = ref.step_rewards(rew.double().cpu(), cpu[1], S)
+    assert_close(first[1], want)
+    adv, ret = ref.step_gae(first[0].double().cpu(), sv.double().cpu(), cpu[4], 0.99, 0.95)
+    assert_close(first[3], adv) and assert_close(first[4], ret)
+    adv, ret = ref.token_gae(rew.double().cpu(), tv.double().cpu(), cpu[2], cpu[3], cpu[4], 0.99, 0.95)
+    assert_close(first[5], adv) and assert_close(first[6], ret)
+    # Words of their own for each call, checked at once: the same bits.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STEPPO_FAST_SYNC_INDEX_CHECKS", "1")
+        for a, b in zip(first, run()):
+            assert torch.equal(a, b)
+
+
+def test_gpu_kernels_agree_with_the_cpp_checks_on_random_indices():
+    """tests/robustness_fuzz.py's GPU family: every index-checked CUDA and Triton kernel against the
+    C++ kernel on random offsets and indices, in a child process (an illegal address would leave
+    the CUDA context of this one unusable)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, os.path.join(root, "tests", "robustness_fuzz.py"), "300", "cuda"],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0 and "GPU kernels agree with the C++ checks" in out.stdout, (
+        f"exit code {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")

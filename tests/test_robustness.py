@@ -180,6 +180,84 @@ def test_cpu_kernels_survive_random_arguments():
         f"exit code {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
 
 
+# ------------------------------------------------------------- index values on the GPU kernels
+# The GPU kernels cannot raise without waiting for the device: they skip a bad index, write NaN
+# where it would have gone and report it in error words on the device (README, "What
+# validate=False promises"). The Triton interpreter runs the Triton kernel of step_rewards on the
+# CPU, error words included; tests/test_gpu.py does the same for the CUDA kernels.
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" or "triton" not in ops.available_backends("step_rewards", "cpu"),
+    reason="needs Triton's interpreter (TRITON_INTERPRET=1)")
+CPU = torch.device("cpu")
+
+
+def _bad_step_rewards_args():
+    r = torch.arange(6, dtype=torch.float64)
+    tok = torch.tensor([0, 1, 2, 9, 4, 5, -1])  # positions 3 (token 9) and 6 (token -1) are outside [0, 6)
+    # Step 0 is [0, 2); step 1 holds position 3; step 2's offsets are out of order; step 3 holds
+    # positions 3 and 6; step 4 ends past the 7 step tokens.
+    off = torch.tensor([0, 2, 4, 3, 7, 9])
+    return r, torch.zeros(6, dtype=torch.int32), tok, off
+
+
+@needs_interpreter
+def test_triton_step_rewards_skips_bad_offsets_and_indices_and_reports_them():
+    ops.index_errors(CPU)
+    out = ops.step_rewards(*_bad_step_rewards_args(), backend="triton")
+    assert out[0].item() == 1.0 and torch.isnan(out[1:]).all(), out
+    assert ops.index_errors(CPU) == {"step_rewards: step_token_offsets": 2, "step_rewards: step_tokens": 3}
+    assert ops.index_errors(CPU) == {}  # read and reset
+    # Where the C++ kernel raises:
+    if _native.cpu_module() is not None:
+        with pytest.raises(ValueError, match=r"step_token_offsets must be non-decreasing offsets in \[0, 7\], got "
+                                             r"step_token_offsets\[2\] = 4 and step_token_offsets\[3\] = 3"):
+            ops.step_rewards(*_bad_step_rewards_args(), backend="cpp")
+
+
+@needs_interpreter
+def test_triton_step_rewards_error_words_collect_calls_until_checked():
+    r, ts, tok, off = _bad_step_rewards_args()
+    good = torch.tensor([0, 2, 2, 6])
+    ops.index_errors(CPU)
+    ops.step_rewards(r, ts, torch.arange(6), good, backend="triton")
+    assert ops.index_errors(CPU, reset=False) == {}
+    ops.step_rewards(r, ts, tok, torch.tensor([0, 4, 7]), backend="triton")  # position 3 only
+    ops.step_rewards(r, ts, torch.arange(6), good, backend="triton")  # a later good call clears nothing
+    ops.step_rewards(r, ts, tok, torch.tensor([0, 2, 1]), backend="triton")  # step 1 only
+    with pytest.raises(ValueError, match=r"step_rewards: step_token_offsets\[1\]; step_rewards: step_tokens\[3\] "
+                                         r"\(first bad position over the calls since the last check\)"):
+        ops.check_index_errors(CPU)
+    ops.check_index_errors(CPU)  # reset by the check
+
+
+@needs_interpreter
+@needs_cpp
+def test_sync_index_checks_raise_the_cpp_kernels_error_at_the_call(monkeypatch):
+    monkeypatch.setenv("STEPPO_FAST_SYNC_INDEX_CHECKS", "1")
+    ops.index_errors(CPU)
+    with pytest.raises(ValueError, match=r"step_token_offsets must be non-decreasing offsets in \[0, 7\]"):
+        ops.step_rewards(*_bad_step_rewards_args(), backend="triton")
+    r, ts, tok, _ = _bad_step_rewards_args()
+    with pytest.raises(ValueError, match=r"step_tokens\[3\] = 9 is outside \[0, 6\)"):
+        ops.step_rewards(r, ts, tok, torch.tensor([0, 4, 7]), backend="triton")
+    good = ops.step_rewards(r, ts, torch.arange(6), torch.tensor([0, 2, 2, 6]), backend="triton")
+    assert ops.index_errors(CPU) == {}  # the calls had words of their own
+    monkeypatch.delenv("STEPPO_FAST_SYNC_INDEX_CHECKS")
+    again = ops.step_rewards(r, ts, torch.arange(6), torch.tensor([0, 2, 2, 6]), backend="triton")
+    assert torch.equal(good, again) and good.tolist() == [1.0, 0.0, 14.0]
+
+
+@needs_interpreter
+@needs_cpp
+def test_interpreted_triton_kernels_agree_with_the_cpp_checks_on_random_indices():
+    """tests/robustness_fuzz.py's GPU family on the CPU: Triton's step_rewards, interpreted, against the
+    C++ kernel on random offsets and indices, in a child process (an out-of-bounds read there could
+    take the process down)."""
+    out = _run_python([os.path.join(_HERE, "robustness_fuzz.py"), "150", "cpu"], timeout=600)
+    assert out.returncode == 0 and "GPU kernels agree with the C++ checks" in out.stdout, (
+        f"exit code {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+
 # ------------------------------------------------------------------------------- silently wrong
 def _layout():
     return StepLayout.from_step_rows(torch.ones(2, 3, dtype=torch.bool), torch.tensor([0, 1]), torch.tensor([0, 0]))
