@@ -10,7 +10,7 @@ Call 1 (a 300 s budget): build, correctness, headline numbers.
   env        20 s     5 s    nvidia-smi, versions, which peers are installed
   build     120 s    45 s    ``_C`` and ``_C_cuda`` (nvcc, sm_90 only), both at once; or restored
                              from the cache when the sources are unchanged
-  tests     150 s    90 s    the GPU tests (``-k "cuda or triton or Triton"``, CUDA graphs,
+  tests     150 s    90 s    the GPU tests (tests/test_gpu.py, ``-k "cuda or triton"``, CUDA graphs,
                              torch.compile), no ``-x``, ``--maxfail=25``, 4 workers
   probe      90 s    40 s    ``gpu_probe``: copy bandwidth, token_logprobs bf16 at 16384 x 151936,
                              host syncs per op, the fused loss in TFLOP/s (6NHV) and memory
@@ -90,10 +90,12 @@ MIN_STAGE = 5.0  # a stage is skipped when less than this is left for it
 DRY_LIMIT_FACTOR = 3.0  # the dry run's limits only guard against hangs on a slow CPU
 CACHE_LIMIT = int(15.5 * 2 ** 20)  # one file under $OUT may hold 16 MiB
 RAW_CACHE_LIMIT = 40 * 2 ** 20  # a call carries at most 64 MiB with the working tree
-GPU_TEST_FILES = ["tests/test_advantages.py", "tests/test_ops.py", "tests/test_logprob.py",
-                  "tests/test_linear_head.py", "tests/test_losses.py", "tests/test_cuda_graph.py",
-                  "tests/test_compile.py"]
-GPU_TEST_SELECTION = "cuda or triton or Triton"
+# tests/test_gpu.py first: the checks that only a GPU can make (no host sync, bf16 NaN rows,
+# index guards, rows past 2^31 entries), then every test of the GPU backends.
+GPU_TEST_FILES = ["tests/test_gpu.py", "tests/test_advantages.py", "tests/test_ops.py", "tests/test_logprob.py",
+                  "tests/test_linear_head.py", "tests/test_losses.py", "tests/test_robustness.py",
+                  "tests/test_cuda_graph.py", "tests/test_compile.py"]
+GPU_TEST_SELECTION = "test_gpu or cuda or triton or Triton"
 BENCH_OPS = ["logprob", "linear_head", "losses", "advantages"]  # most important first
 NOT_PACKED = (".pt", ".safetensors", ".bin")  # model weights of the trainer run stay out of the tarball
 
