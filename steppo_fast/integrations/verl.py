@@ -51,8 +51,16 @@ Credit assignment: :func:`compute_advantage` is a drop-in for verl's ``compute_a
 ``token_gae``/``gae``, ``grpo``, ``rloo``, ``reinforce_plus_plus(_baseline)`` and ``gigpo`` on
 steppo_fast's kernels in every layout; the same episodes give the same advantages in all three.
 verl's trainers hand a registered estimator only the rewards, the mask, the config and ``uid``
-(no critic values, no keys), so the registered ``"step_gae"`` can only say so: StepPO's step GAE
-runs through :func:`compute_advantage`.
+(no critic values, no keys), so the registered ``"step_gae"`` can only say so.
+
+V1 trainer modes: verl's default trainer (``trainer.use_v1=True``) is chosen by
+``trainer.v1.trainer_mode`` from verl's registry. For every mode verl registers (``sync``,
+``colocate_async``, ``separate_async``) this module registers ``steppo_<mode>``, a subclass of verl's
+trainer whose ``_compute_advantage`` is verl's own code (KL in the reward, rollout correction, the
+fields written back to the transfer queue) with its call to ``compute_advantage_for_multi_trajectories``
+bound to :func:`compute_advantage_for_multi_trajectories` here, which hands :func:`compute_advantage`
+the critic's ``values``, ``uid`` and the rows' keys; ``self.trainer_mode`` reads as verl's mode, so
+the trainer is verl's mode everywhere else. verl's module and classes are left as they are.
 
 Name clash: verl's ``gae`` is token-level GAE; the StepPO authors' trainer calls *step-level*
 GAE ``gae``. Here ``step_gae`` is StepPO's step GAE (the authors' ``gae``), ``token_gae`` the
@@ -72,12 +80,20 @@ Megatron backend, ``steppo_fast.vocab_parallel.linear_cross_entropy`` has the si
 Registration reaches verl's Ray workers through verl's own plugin mechanisms: the package
 declares this module in the ``verl.plugins`` entry-point group, which ``import verl`` loads in
 every process; a checkout used from ``PYTHONPATH`` sets
-``VERL_USE_EXTERNAL_MODULES=steppo_fast.integrations.verl`` instead.
+``VERL_USE_EXTERNAL_MODULES=steppo_fast.integrations.verl`` instead. The trainer modes are
+registered when verl's V1 trainer package (``verl.trainer.ppo.v1``) is imported, by verl's TaskRunner
+right before it looks the mode up; this module never imports that package itself (seconds, and it
+needs TransferQueue), so processes that do not run the trainer do not pay for it.
 """
 
 from __future__ import annotations
 
+import dis
+import importlib
+import importlib.abc
+import sys
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -90,7 +106,8 @@ from ..layout import StepLayout, step_ids_from_turns
 from ..losses import policy_loss
 from ..vocab_parallel import linear_token_logprobs as vocab_parallel_linear_token_logprobs
 
-__all__ = ["AUTHORS_ESTIMATOR_NAMES", "ESTIMATORS", "LOSS_MODES", "compute_advantage", "compute_policy_loss_steppo",
+__all__ = ["AUTHORS_ESTIMATOR_NAMES", "ESTIMATORS", "LOSS_MODES", "TRAINER_MODE_PREFIX", "compute_advantage",
+           "compute_advantage_for_multi_trajectories", "compute_policy_loss_steppo",
            "compute_policy_loss_steppo_rows", "compute_policy_loss_steppo_token",
            "compute_policy_loss_steppo_token_rows", "compute_step_gae_advantage", "count_turns",
            "detect_layout", "forward_with_steppo_fast", "register", "use_fused_head"]
@@ -784,14 +801,16 @@ def compute_step_gae_advantage(token_level_rewards: Tensor, response_mask: Tenso
     turns are the runs of ``response_mask``; ``index`` (verl's ``uid``) is the group. gamma and
     lam come from the arguments, else from ``config`` (``algorithm.gamma`` / ``algorithm.lam``).
     verl 0.9.1's trainers call a registered estimator with the rewards, the mask, the config and
-    the uids only, never the critic's ``values``: called that way it raises and names
-    :func:`compute_advantage`, which reads everything from the ``DataProto``.
+    the uids only, never the critic's ``values``: called that way it raises and names the
+    ``steppo_*`` trainer modes and :func:`compute_advantage`, which read everything from the batch.
     """
     if values is None:
         raise ValueError("step_gae needs the critic's values, which verl's compute_advantage does not pass to a "
-                         "registered estimator: call steppo_fast.integrations.verl.compute_advantage(data, "
-                         "'step_gae', ...) in the trainer's advantage step (it reads values, uid and any step ids "
-                         "from the DataProto), with critic.enable=True")
+                         "registered estimator: run verl's V1 trainer in a steppo mode, trainer.v1.trainer_mode="
+                         "steppo_sync (or steppo_colocate_async, steppo_separate_async), with critic.enable=True; "
+                         "its advantage step hands values, batch keys and uid to "
+                         "steppo_fast.integrations.verl.compute_advantage. In a trainer of your own, call that "
+                         "function (data, 'step_gae', ...) in the advantage step")
     if (trajectory_uids is None) != (step_indices is None):
         raise ValueError("give both trajectory_uids and step_indices (step rows) or neither (one row per trajectory)")
     gamma = float(_cfg(config, "gamma", 1.0) if gamma is None else gamma)
@@ -806,6 +825,213 @@ def compute_step_gae_advantage(token_level_rewards: Tensor, response_mask: Tenso
         extra["step_indices"] = _as_array("step_indices", step_indices, B)
     return _credit("step_gae", mask, token_level_rewards, values, extra, None, gamma, lam, True,
                    "token_level_rewards", "last", None, {})
+
+
+# ------------------------------------------------------------------ verl V1 trainer modes
+TRAINER_MODE_PREFIX = "steppo_"
+_V1_PACKAGE = "verl.trainer.ppo.v1"
+
+
+def compute_advantage_for_multi_trajectories(data, batch_keys: Sequence[str], adv_estimator, gamma: float = 1.0,
+                                             lam: float = 1.0, num_repeat: int = 1,
+                                             norm_adv_by_std_in_grpo: bool = True, config=None):
+    """verl V1's advantage step (``verl.trainer.ppo.v1.utils``, same arguments) with StepPO's credit
+    assignment; the ``steppo_*`` trainer modes run it in place of verl's.
+
+    Args:
+        data: the ``DataProto`` verl's ``PPOTrainer._compute_advantage`` builds from the transfer
+            queue: right-padded (B, T) ``response_mask``, ``token_level_scores`` (verl's
+            ``rm_scores``), ``token_level_rewards`` (minus the KL penalty when it is in the reward),
+            ``values`` when the critic is on; ``uid`` in ``non_tensor_batch``.
+        batch_keys: the rows' keys ``{uid}_{session}_{i}``, one per row.
+        adv_estimator, gamma, lam, num_repeat, norm_adv_by_std_in_grpo, config: as verl passes them.
+    Returns:
+        ``data`` with ``advantages`` and ``returns`` (B, T) in the rewards' dtype.
+
+    For the estimators in :data:`ESTIMATORS` this is :func:`compute_advantage` with the keys (the
+    per-turn-outputs layout): a session ``{uid}_{session}`` is one trajectory, its outputs in index
+    order, each run of agent tokens in them one turn, and the score verl copies onto every output
+    of a session counts once, on its last output. ``gigpo`` is an error here (verl's trainer reads no
+    anchor states from the queue), as is rollout rejection sampling (``rollout_correction.rollout_rs``
+    outside bypass mode), which verl applies to ``response_mask`` before this step and which would
+    split or remove turns. Any other name runs verl's own function unchanged.
+    """
+    name = _estimator_name(adv_estimator)
+    if name not in ESTIMATORS:
+        from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories as verls
+
+        return verls(data, batch_keys=batch_keys, adv_estimator=adv_estimator, gamma=gamma, lam=lam,
+                     num_repeat=num_repeat, norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo, config=config)
+    if ESTIMATORS[name] == "gigpo":
+        raise ValueError("adv_estimator 'gigpo' is not available in the steppo trainer modes: it needs one anchor "
+                         "state per turn, and verl's V1 trainer reads none from the transfer queue; call "
+                         "compute_advantage with non_tensor_batch['anchor_obs'] from a trainer of your own")
+    correction = _cfg(config, "rollout_correction")
+    if (_cfg(correction, "rollout_rs") is not None and not _cfg(correction, "bypass_mode", False)
+            and "rollout_log_probs" in data.batch.keys()):
+        raise ValueError("algorithm.rollout_correction.rollout_rs (rejection sampling) is not supported with "
+                         f"adv_estimator {name!r} in the steppo trainer modes: verl applies it to response_mask "
+                         "before the advantage step, which would split or remove the turns credit is assigned to; "
+                         "importance weights (rollout_is) are supported")
+    return compute_advantage(data, name, gamma, lam, num_repeat, norm_adv_by_std_in_grpo, config,
+                             batch_keys=list(batch_keys))
+
+
+class _Namespace(dict):
+    """A function's global namespace with some names bound otherwise: those live here, every other name
+    is read from the module's own namespace at call time (``__missing__``), so the module stays as it is."""
+
+    def __init__(self, module_namespace: dict, overrides: dict):
+        super().__init__(overrides)
+        self["__builtins__"] = module_namespace["__builtins__"]
+        self._module_namespace = module_namespace
+
+    def __missing__(self, key):
+        return self._module_namespace[key]
+
+
+def _rebound(fn, **overrides):
+    """A new function running ``fn``'s code, in which the global names in ``overrides`` mean the values
+    given; ``fn``, its class and its module are left untouched."""
+    read = {ins.argval for ins in dis.get_instructions(fn.__code__) if ins.opname.startswith("LOAD_GLOBAL")}
+    unknown = sorted(n for n in overrides if n not in read)
+    if unknown:
+        raise TypeError(f"{fn.__module__}.{fn.__qualname__} no longer calls {unknown} as a module global: this "
+                        "verl version is not supported by the steppo trainer modes")
+    new = types.FunctionType(fn.__code__, _Namespace(fn.__globals__, overrides), fn.__name__, fn.__defaults__,
+                             fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__, new.__doc__, new.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
+    return new
+
+
+class _VerlMode:
+    """``trainer_mode`` of a steppo trainer. verl's base class keys its behaviour on ``self.trainer_mode``
+    (which replay buffer, exact refill, parameter sync, the ``trainer.v1.<mode>`` settings), so a steppo
+    mode reads as the verl mode it extends; the value verl's ``__init__`` assigns from
+    ``trainer.v1.trainer_mode`` is checked, not stored."""
+
+    def __init__(self, verl_mode: str):
+        self.verl_mode = verl_mode
+        self.steppo_mode = TRAINER_MODE_PREFIX + verl_mode
+
+    def __get__(self, obj, owner=None) -> str:
+        return self.verl_mode
+
+    def __set__(self, obj, value) -> None:
+        if value not in (self.steppo_mode, self.verl_mode):
+            raise ValueError(f"trainer.v1.trainer_mode is {value!r}, but this trainer is {self.steppo_mode!r} "
+                             f"(verl's {self.verl_mode!r} with StepPO's advantages)")
+
+
+def _steppo_trainer(verl_mode: str, base: type) -> type:
+    name = "StepPO" + (base.__name__[3:] if base.__name__.startswith("PPO") else base.__name__)
+    advantage = _rebound(base._compute_advantage,
+                         compute_advantage_for_multi_trajectories=compute_advantage_for_multi_trajectories)
+    doc = (f"verl's ``{verl_mode}`` V1 trainer ({base.__module__}.{base.__name__}) whose advantage step is "
+           ":func:`compute_advantage_for_multi_trajectories` (registered as "
+           f"``trainer.v1.trainer_mode={TRAINER_MODE_PREFIX}{verl_mode}``). Everything else is verl's: "
+           "``_compute_advantage`` runs verl's own code (KL in the reward, rollout correction, the fields "
+           "written back) with that one call bound to steppo_fast's, and the trainer reads its settings "
+           f"from ``trainer.v1.{verl_mode}``.")
+
+    def body(ns):
+        ns.update({"__module__": __name__, "__doc__": doc, "trainer_mode": _VerlMode(verl_mode),
+                   "_compute_advantage": advantage})
+
+    cls = types.new_class(name, (base,), exec_body=body)
+    cls.__qualname__ = name
+    return cls
+
+
+def _register_trainers() -> None:
+    """Registers ``steppo_<mode>`` for every trainer mode verl's V1 package registers itself (once
+    that package is imported); idempotent."""
+    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
+
+    for verl_mode, base in list(TRAINER_REGISTRY.items()):
+        if verl_mode.startswith(TRAINER_MODE_PREFIX) or not base.__module__.startswith("verl."):
+            continue
+        cls = TRAINER_REGISTRY.get(TRAINER_MODE_PREFIX + verl_mode)
+        if cls is None or cls.__module__ != __name__ or cls.__bases__ != (base,):
+            cls = register_trainer(TRAINER_MODE_PREFIX + verl_mode)(_steppo_trainer(verl_mode, base))
+        globals()[cls.__name__] = cls
+
+
+def _register_trainers_reporting(module=None) -> None:
+    # Runs inside the import of verl's V1 package: a failure must not break that import for runs
+    # that do not use the steppo modes, so it is reported as a warning (and get_trainer_cls then
+    # lists the modes that exist).
+    try:
+        _register_trainers()
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"steppo_fast: the steppo trainer modes are not registered with verl's V1 trainer: {e!r}",
+                      RuntimeWarning, stacklevel=2)
+
+
+class _LoaderThenCall(importlib.abc.Loader):
+    """A module's own loader, then ``callback(module)`` once the module has run."""
+
+    def __init__(self, loader, callback):
+        self._loader, self._callback = loader, callback
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._callback(module)
+
+    def __getattr__(self, name):  # get_source, get_filename, is_package, get_resource_reader, ...
+        return getattr(self._loader, name)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Calls ``callback(module)`` right after the module ``name`` is imported (by anyone), then leaves
+    ``sys.meta_path``: the module is found and run by the finders and loader that would run it anyway."""
+
+    def __init__(self, name: str, callback):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        for finder in list(sys.meta_path):
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _LoaderThenCall(spec.loader, self._done)
+        return spec
+
+    def _done(self, module) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        self.callback(module)
+
+
+def _register_trainers_when_imported() -> None:
+    """The steppo trainer modes exist in every process that imports verl's V1 trainer package, which
+    is what ``get_trainer_cls`` reads (verl's TaskRunner imports it right before). Importing it costs
+    seconds and needs TransferQueue, so this module never imports it: it registers the modes right
+    after verl's own import of the package, or now if that already happened."""
+    if _V1_PACKAGE in sys.modules:
+        _register_trainers_reporting(sys.modules[_V1_PACKAGE])
+    elif not any(isinstance(f, _AfterImport) and f.name == _V1_PACKAGE for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(_V1_PACKAGE, _register_trainers_reporting))
+
+
+def __getattr__(name: str):
+    # The trainer classes (StepPOTrainerSync, ...) exist once verl's V1 package is imported.
+    if name.startswith("StepPOTrainer"):
+        importlib.import_module(_V1_PACKAGE)
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------ fused head
@@ -873,12 +1099,14 @@ _LOSSES = {
 
 def register() -> None:
     """Registers the losses ``steppo``, ``steppo_token``, ``steppo_rows``, ``steppo_token_rows`` and
-    the advantage estimator ``step_gae`` with verl's registries (done on import; idempotent)."""
+    the advantage estimator ``step_gae`` with verl's registries, and the V1 trainer modes
+    ``steppo_<mode>`` when verl's V1 trainer package is imported (done on import; idempotent)."""
     from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
 
     for name, fn in _LOSSES.items():
         register_policy_loss(name)(fn)
     register_adv_est("step_gae")(compute_step_gae_advantage)
+    _register_trainers_when_imported()
 
 
 register()
