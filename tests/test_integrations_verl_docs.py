@@ -43,6 +43,9 @@ def test_python_blocks_run_in_order(tmp_path, monkeypatch):
     torch.testing.assert_close(ns["outputs"].batch["returns"][:, 0], torch.ones(3))
     assert not bool(ns["steps"].batch["advantages"][3].any())
     assert ns["n"] == 8
+    from steppo_fast.integrations import verl as sv
+
+    assert ns["trainer_cls"].__module__ == sv.__name__ and ns["trainer_cls"].trainer_mode == "sync"
 
 
 def _verl_config():
@@ -70,6 +73,7 @@ def test_yaml_is_a_valid_verl_overlay():
 
     blocks = _yaml_blocks()
     assert blocks
+    modes = []
     for code in blocks:
         merged = OmegaConf.merge(_verl_config(), OmegaConf.create(code))
         actor = merged.actor_rollout_ref.actor
@@ -82,5 +86,16 @@ def test_yaml_is_a_valid_verl_overlay():
             assert merged.critic.enable is True  # the values step_gae reads
         assert merged.actor_rollout_ref.rollout.multi_turn.enable is True
         assert merged.actor_rollout_ref.rollout.agent.default_agent_loop in _agent_loops()
+        # The V1 trainer (verl's default entry) in a steppo mode over one of verl's modes, whose
+        # settings section verl's config has.
+        assert merged.trainer.use_v1 is True
+        mode = merged.trainer.v1.trainer_mode
+        assert mode.startswith(sv.TRAINER_MODE_PREFIX) and mode[len(sv.TRAINER_MODE_PREFIX):] in merged.trainer.v1
+        modes.append(mode)
     with pytest.raises(Exception):  # the check above can fail: an unknown key is refused
         OmegaConf.merge(_verl_config(), OmegaConf.create("actor_rollout_ref: {actor: {policy_loss: {steps: rows}}}"))
+    v1 = pytest.importorskip("verl.trainer.ppo.v1")  # needs the test extra's TransferQueue and torchdata
+    for mode in modes:  # verl resolves the mode to ours
+        cls = v1.get_trainer_cls(mode)
+        assert cls.__module__ == sv.__name__ and cls._compute_advantage.__globals__[
+            "compute_advantage_for_multi_trajectories"] is sv.compute_advantage_for_multi_trajectories
