@@ -24,10 +24,16 @@ needs_cpp = pytest.mark.skipif(_native.cpu_module() is None, reason="steppo_fast
 
 
 def _run_python(args, timeout):
-    """Runs ``python args`` with this process's steppo_fast first on the path."""
+    """Runs ``python args`` with this process's steppo_fast first on the path.
+
+    The child runs in the tests folder: ``python -c`` puts its working directory first on the
+    path, and from the repository root that would import the source checkout (without its
+    compiled modules, when the package is installed) instead of this process's steppo_fast.
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=_HERE)
 
 
 # --------------------------------------------------------------------------------------- crashes
