@@ -87,7 +87,8 @@ class Trainer:
             rows = self.model.lm_head.weight.shape[0]
             self._label_rows = torch.zeros(rows, dtype=torch.long, device=self.device)
             self._label_rows[self.allowed] = torch.arange(len(self.allowed), device=self.device)
-        max_new = cfg.max_new_tokens or (getattr(probe, "max_action_words", 15) + 1)
+        eos = int(getattr(probe, "end_of_step", True))
+        max_new = cfg.max_new_tokens or (getattr(probe, "max_action_words", 15) + eos)
         self.sampler = Sampler(self.model, self.tokenizer, self.allowed, max_new, cfg.temperature, self._autocast)
         self.ddp = None
         if self.world > 1:
@@ -132,7 +133,11 @@ class Trainer:
 
     def _allowed_tokens(self, env) -> Optional[torch.Tensor]:
         words = getattr(env, "action_words", None)
+        eos = getattr(env, "end_of_step", True)
         if self.cfg.full_vocab or not words:
+            if not eos:
+                raise ValueError("an environment without end-of-step (end_of_step = False) needs action_words "
+                                 "and full_vocab off: the restricted head is what leaves end-of-step out")
             return None
         ids = []
         for w in words:
@@ -140,7 +145,8 @@ class Trainer:
             if len(t) != 1 or t[0] == self.tokenizer.unk_token_id:
                 raise ValueError(f"action word {w!r} is not one token of the tokenizer; use full_vocab")
             ids.append(t[0])
-        ids.append(self.tokenizer.eos_token_id)
+        if eos:
+            ids.append(self.tokenizer.eos_token_id)
         return torch.tensor(sorted(set(ids)), dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ pieces

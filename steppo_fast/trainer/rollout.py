@@ -1,8 +1,12 @@
 """Rollout: episodes of variable length played in a batch, one generated response per step.
 
-Each turn, the contexts of all unfinished episodes are left-padded into one batch, the
-backbone reads them once (prefill) and the response is decoded token by token with the KV
-cache, at the sampling temperature, up to ``max_new_tokens`` or end-of-step. The result is
+Every episode keeps its KV cache across turns: a turn appends only what the cache has not
+seen yet (the end of the last response and the new observation) instead of re-reading the
+whole history. All unfinished episodes decode together, token by token, at the sampling
+temperature, up to ``max_new_tokens`` or end-of-step. Rows of one batch have different
+lengths, so the cache holds padding columns (attention mask 0) where a row had nothing to
+add; position ids count each row's real tokens only, so every token sees exactly the keys
+and positions it has when the packed row is read again in one forward pass. The result is
 packed into one row per trajectory (observations, responses, observations, ...), which
 ``Batch`` turns into a :class:`~steppo_fast.StepLayout`.
 """
@@ -32,6 +36,7 @@ class Episode:
     rewards: List[float] = field(default_factory=list)  # per step
     anchors: List[int] = field(default_factory=list)  # per step: key of the observation it answered
     actions: List[str] = field(default_factory=list)
+    logprobs: List[float] = field(default_factory=list)  # per response token: its sampling log-prob
     truncated: bool = False
 
     @property
@@ -75,54 +80,99 @@ class Sampler:
             b = None if b is None else b.index_select(0, self.allowed)
         return w, b
 
+    def start(self, rows: int) -> "TurnCache":
+        """An empty cross-turn cache for ``rows`` episodes (see :class:`TurnCache`)."""
+        return TurnCache(rows, self.model.lm_head.weight.device)
+
     @torch.no_grad()
     def generate(self, contexts: Sequence[List[int]], generator: torch.Generator) -> List[List[int]]:
-        """One response per context: token ids up to and including end-of-step (or the limit)."""
-        device = self.model.lm_head.weight.device
-        B, L = len(contexts), max(len(c) for c in contexts)
-        ids = torch.full((B, L), self.pad, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for i, c in enumerate(contexts):
-            ids[i, L - len(c):] = torch.tensor(c, dtype=torch.long)
-            mask[i, L - len(c):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        """One response per context, from a fresh cache: token ids up to and including
+        end-of-step (or the limit)."""
+        return self.respond(self.start(len(contexts)), contexts, generator)
+
+    @torch.no_grad()
+    def respond(self, state: "TurnCache", histories: Sequence[List[int]], generator: torch.Generator,
+                logprobs: Optional[List[List[float]]] = None,
+                limits: Optional[Sequence[int]] = None) -> List[List[int]]:
+        """One response per row of ``state``: ``histories[r]`` is row r's whole token history so
+        far, of which the cache holds the first ``state.cached[r]``; the rest is read first.
+
+        A response ends at end-of-step or after ``limits[r]`` tokens (default and at most
+        ``max_new_tokens``). Appends each response's sampling log-probs to ``logprobs[r]`` when
+        given. The last token of each response is not fed yet: the next call reads it with the
+        next observation.
+        """
+        if len(histories) != state.rows:
+            raise ValueError(f"histories has {len(histories)} rows but the cache has {state.rows}")
+        if limits is None:
+            limits = [self.max_new_tokens] * state.rows
+        limits = [min(int(x), self.max_new_tokens) for x in limits]
+        if len(limits) != state.rows or min(limits) < 1:
+            raise ValueError(f"limits must hold one token budget >= 1 per row, got {limits}")
+        device = state.device
+        pending = [list(h[c:]) for h, c in zip(histories, state.cached)]
+        if any(not p for p in pending):
+            raise ValueError("every row needs new tokens (an observation or the end of a response) to respond to")
+        B, W = state.rows, max(len(p) for p in pending)
+        ids = torch.full((B, W), self.pad, dtype=torch.long)
+        mask = torch.zeros((B, W), dtype=torch.long)
+        pos = torch.zeros((B, W), dtype=torch.long)
+        for r, p in enumerate(pending):
+            n, c = len(p), state.cached[r]
+            ids[r, W - n:] = torch.tensor(p, dtype=torch.long)
+            mask[r, W - n:] = 1
+            pos[r, W - n:] = torch.arange(c, c + n)
+            state.cached[r] = c + n
+        next_pos = torch.tensor(state.cached, dtype=torch.long, device=device)
         backbone = self.model.backbone()
         # transformers renamed past_key_values to cache (argument and output field) in 5.x.
         cache_name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
         w, b = self.head()
-        w = w.float()
+        dt = torch.promote_types(w.dtype, torch.float32)  # fp32 logits, fp64 for an fp64 model
+        w = w.to(dt)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        out_tokens = []
-        with self.autocast():
-            out = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        for i in range(self.max_new_tokens):
-            h = out.last_hidden_state[:, -1].float()
+        out_tokens, out_logp = [], []
+
+        def feed(tokens: Tensor, new_mask: Tensor, positions: Tensor):
+            state.mask = new_mask if state.mask is None else torch.cat([state.mask, new_mask], dim=1)
+            kw = {} if state.cache is None else {cache_name: state.cache}
+            with self.autocast():
+                out = backbone(input_ids=tokens, attention_mask=state.mask, position_ids=positions,
+                               use_cache=True, **kw)
+            state.cache = getattr(out, cache_name)
+            return out.last_hidden_state[:, -1].to(dt)
+
+        h = feed(ids.to(device), mask.to(device), pos.to(device))
+        limit = torch.tensor(limits, dtype=torch.long, device=device)
+        length = torch.zeros(B, dtype=torch.long, device=device)
+        for i in range(max(limits)):
             logits = h @ w.t()
             if b is not None:
-                logits = logits + b.float()
-            probs = torch.softmax(logits / self.temperature, dim=-1)
-            pick = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                logits = logits + b.to(dt)
+            logp = torch.log_softmax(logits / self.temperature, dim=-1)
+            pick = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+            live = ~finished
             tok = self.allowed[pick] if self.allowed is not None else pick
-            tok = torch.where(finished, torch.full_like(tok, self.pad), tok)
+            tok = torch.where(live, tok, torch.full_like(tok, self.pad))
             out_tokens.append(tok)
-            finished = finished | (tok == self.eos)
-            if i + 1 == self.max_new_tokens or bool(finished.all()):
+            out_logp.append(logp.gather(1, pick[:, None]).squeeze(1))
+            length = length + live.long()
+            finished = finished | (tok == self.eos) | (length >= limit)
+            if bool(finished.all()):
                 break
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
-            pos = pos[:, -1:] + 1
-            with self.autocast():
-                out = backbone(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
-                               use_cache=True, **{cache_name: getattr(out, cache_name)})
+            # Feed this token to the rows that sampled it; the others get a masked column.
+            h = feed(tok[:, None], live[:, None].long(), next_pos[:, None])
+            next_pos = next_pos + live.long()
         toks = torch.stack(out_tokens, dim=1).tolist()
+        lps = torch.stack(out_logp, dim=1).tolist()
+        fed, lengths = next_pos.tolist(), length.tolist()
         responses = []
-        for row in toks:
-            r = []
-            for t in row:
-                r.append(t)
-                if t == self.eos:
-                    break
-            responses.append(r)
+        for r, (row, lp) in enumerate(zip(toks, lps)):
+            n = lengths[r]
+            responses.append(row[:n])
+            if logprobs is not None:
+                logprobs[r].extend(lp[:n])
+            state.cached[r] = fed[r]
         return responses
 
     def decode(self, response: List[int]) -> str:
@@ -133,12 +183,41 @@ class Sampler:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
+class TurnCache:
+    """The KV cache of a batch of episodes across turns.
+
+    ``cache``: the backbone's cache (None before the first turn), ``mask``: (rows, columns) long,
+    1 where a column holds one of the row's tokens and 0 on padding; ``cached[r]``: how many of
+    row r's tokens the cache holds, which is also the position id of its next token.
+    """
+
+    def __init__(self, rows: int, device):
+        self.rows = rows
+        self.device = device
+        self.cache = None
+        self.mask: Optional[Tensor] = None
+        self.cached = [0] * rows
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (indices into the current rows, in the new order); drop the others."""
+        rows = list(rows)
+        if rows == list(range(self.rows)):
+            return
+        if rows and self.cache is not None:
+            idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+            self.cache.reorder_cache(idx)
+            self.mask = self.mask.index_select(0, idx)
+        self.cached = [self.cached[r] for r in rows]
+        self.rows = len(rows)
+
+
 def play(sampler: Sampler, make_env: Callable[[], object], tasks: Sequence[tuple], group_size: int,
          generator: torch.Generator) -> List[Episode]:
     """Play ``group_size`` episodes of each task ``(group, env_seed)`` in one batch.
 
-    All unfinished episodes generate together at every turn; an episode ends when the
-    environment says so or after its ``max_steps`` turns (then marked truncated).
+    All unfinished episodes generate together at every turn, each on its own cached history and
+    within its environment's ``response_budget`` for the turn when it has one; an episode ends
+    when the environment says so or after its ``max_steps`` turns (then marked truncated).
     """
     episodes, envs, last_obs = [], [], []
     for group, seed in tasks:
@@ -155,16 +234,20 @@ def play(sampler: Sampler, make_env: Callable[[], object], tasks: Sequence[tuple
             envs.append(env)
             last_obs.append(obs)
     active = list(range(len(episodes)))
+    state = sampler.start(len(active))
     k = 0
     while active:
-        responses = sampler.generate([episodes[i].tokens for i in active], generator)
+        lps: List[List[float]] = [[] for _ in active]
+        limits = [getattr(envs[i], "response_budget", sampler.max_new_tokens) for i in active]
+        responses = sampler.respond(state, [episodes[i].tokens for i in active], generator, lps, limits)
         still = []
-        for i, resp in zip(active, responses):
+        for j, (i, resp) in enumerate(zip(active, responses)):
             ep, env = episodes[i], envs[i]
             action = sampler.decode(resp)
             ep.anchors.append(anchor_key(last_obs[i]))
             ep.tokens += resp
             ep.step_ids += [k] * len(resp)
+            ep.logprobs += lps[j]
             ep.actions.append(action)
             obs, reward, done = env.step(action)
             ep.rewards.append(float(reward))
@@ -175,8 +258,9 @@ def play(sampler: Sampler, make_env: Callable[[], object], tasks: Sequence[tuple
                 ep.tokens += toks
                 ep.step_ids += [-1] * len(toks)
                 last_obs[i] = obs
-                still.append(i)
-        active = still
+                still.append(j)
+        state.keep(still)
+        active = [active[j] for j in still]
         k += 1
     return episodes
 

@@ -30,7 +30,11 @@ class Environment(Protocol):
       tokens (and end-of-step) only, and the training log-probs use the same restricted head,
       so the ratio stays exact. Without it the policy samples from the whole vocabulary.
     * ``max_action_words``: words in the longest action; the default tokens per step is one
-      more (for end-of-step).
+      more (for end-of-step), or as many without end-of-step.
+    * ``response_budget``: read before each turn, the most tokens (end-of-step included) the
+      agent may write in it; the response is cut there (never beyond the trainer's tokens per step).
+    * ``end_of_step = False`` (with ``action_words``): the policy never samples end-of-step, so
+      every response runs to its budget; the restricted head then leaves it out.
     """
 
     max_steps: int
