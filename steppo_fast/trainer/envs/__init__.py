@@ -12,6 +12,10 @@ Built in (no network, no downloads):
 * ``hotpot``: multi-hop retrieval QA in miniature. An in-memory knowledge base of facts, a
   ``search <entity>`` tool whose result is the next observation, an ``answer <entity>``
   action, exact-match terminal reward, questions of 2 or 3 hops.
+* ``relay``: long free-form steps. Each turn the agent writes a response of 8-40 tokens (a
+  budget the environment draws per turn) whose first call word (``go`` / ``stop``) answers the
+  light shown; an episode needs 3-7 right calls and allows one miss (3-8 turns), reward 1 at the
+  end on success.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from typing import Callable, Dict, List
 from .base import Environment, StepResult
 from .hotpot import HotpotEnv
 from .lights import LightsEnv
+from .relay import RelayEnv
 
-ENVIRONMENTS: Dict[str, Callable[..., Environment]] = {"lights": LightsEnv, "hotpot": HotpotEnv}
+ENVIRONMENTS: Dict[str, Callable[..., Environment]] = {"lights": LightsEnv, "hotpot": HotpotEnv, "relay": RelayEnv}
 
-__all__ = ["ENVIRONMENTS", "Environment", "HotpotEnv", "LightsEnv", "StepResult", "make_env", "names", "register"]
+__all__ = ["ENVIRONMENTS", "Environment", "HotpotEnv", "LightsEnv", "RelayEnv", "StepResult", "make_env", "names",
+           "register"]
 
 
 def names() -> List[str]:
