@@ -11,13 +11,15 @@ import sys
 import pytest
 import torch
 
+from steppo_fast.testing import assert_close
+
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from steppo_fast import cli  # noqa: E402
-from steppo_fast.trainer import NonFiniteLoss, TrainConfig, Trainer  # noqa: E402
+from steppo_fast.trainer import METHODS, NonFiniteLoss, TrainConfig, Trainer, method_settings  # noqa: E402
 from steppo_fast.trainer.models import build_policy, build_tokenizer  # noqa: E402
-from steppo_fast.trainer.rollout import Batch, Episode  # noqa: E402
+from steppo_fast.trainer.rollout import Batch, Episode, play  # noqa: E402
 
 
 def _cfg(tmp_path, **kw):
@@ -77,6 +79,43 @@ def test_behaviour_logprobs_equal_the_restricted_softmax_in_fp64(tmp_path):
     assert bool((logp[~mask] == 0).all())
 
 
+def test_cross_turn_kv_cache_gives_the_log_probs_of_a_full_re_read_in_fp64(tmp_path):
+    """Episodes played on one cache kept across turns (padding columns where a row had nothing to
+    add) sample each token from the distribution a full forward over the packed history gives."""
+    tr = Trainer(_cfg(tmp_path, env="relay", estimator="grpo", temperature=0.8,
+                      model_config={"hidden_size": 32, "intermediate_size": 64}))
+    tr.model.double().eval()
+    states = []
+    respond = tr.sampler.respond
+
+    def spy(state, *args, **kw):
+        out = respond(state, *args, **kw)
+        states.append((state.rows, int((state.mask == 0).sum()), state.mask.shape[1]))
+        return out
+
+    tr.sampler.respond = spy
+    eps = play(tr.sampler, tr.env_factory, tr.tasks(0, 3), 2, tr.generator(0))
+    assert len({e.num_steps for e in eps}) > 1 and len({len(e.tokens) for e in eps}) > 1  # ragged on purpose
+    assert len(states) >= 3 and all(holes > 0 for _, holes, _ in states[1:])  # the cache holds padding
+    assert states[-1][0] < states[0][0]  # finished episodes left the cache
+    # No end-of-step in this task: every response runs to the budget its environment drew.
+    assert tr.sampler.eos not in tr.allowed.tolist()
+    for e in eps:
+        env = tr.env_factory()
+        env.reset(e.seed)
+        lengths = [e.step_ids.count(k) for k in range(e.num_steps)]
+        assert lengths == env._budgets[:e.num_steps] and all(8 <= n <= 40 for n in lengths)
+    batch = Batch.pack(eps, tr.sampler.pad, tr.device)
+    with torch.no_grad():
+        logits = tr.model.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        ref = torch.log_softmax(logits[..., tr.allowed] / 0.8, -1).gather(-1, tr.head_labels(batch.labels)[..., None])
+    mask = batch.layout.token_mask.reshape(batch.labels.shape)
+    got = torch.cat([torch.tensor(e.logprobs, dtype=torch.float64) for e in eps])
+    assert got.numel() == int(mask.sum()) == sum(len(e.tokens) for e in eps) - sum(
+        s < 0 for e in eps for s in e.step_ids)
+    assert_close(got, ref.squeeze(-1)[mask])
+
+
 def test_end_to_end_run_writes_metrics_curve_checkpoint_and_model(tmp_path):
     cfg = _cfg(tmp_path)
     tr = Trainer(cfg)
@@ -131,6 +170,24 @@ def test_every_estimator_trains_a_user_environment(tmp_path, monkeypatch, estima
     assert any(not torch.equal(before[k], v) for k, v in tr.model.state_dict().items())
     assert (tr.model.value_head is not None) == (estimator in ("step_gae", "token_gae"))
     assert 2.0 <= m["steps_per_episode"] <= 3.0 and 0.0 < m["return"] < 3.0
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_of_the_paper_trains_the_long_step_task(tmp_path, method):
+    """Each (estimator, ratio level) pair of the learning benchmark, end to end on ``relay``."""
+    estimator, ratio = METHODS[method]
+    cfg = _cfg(tmp_path, env="relay", updates=2, groups=2, group_size=2, eval_episodes=2,
+               model_config={"hidden_size": 32, "intermediate_size": 64}, **method_settings(method))
+    tr = Trainer(cfg)
+    assert cfg.estimator == estimator and tr.loss_cfg.ratio_level == ratio
+    assert (tr.model.value_head is not None) == (estimator in ("step_gae", "token_gae"))
+    before = _params(tr.model)
+    hist = tr.train()
+    assert len(hist) == 2 and all(math.isfinite(m["pg_loss"]) for m in hist)
+    assert all(m["tokens_per_step"] > 2 for m in hist)  # long steps (a step is several tokens)
+    assert any(not torch.equal(before[k], v) for k, v in tr.model.state_dict().items() if k.startswith("policy."))
+    with pytest.raises(ValueError, match="unknown method 'ppo2'; choose one of: steppo, ppo"):
+        method_settings("ppo2")
 
 
 def test_shared_critic_has_no_second_backbone(tmp_path):
@@ -211,6 +268,8 @@ def test_clear_errors(tmp_path, capsys):
         TrainConfig.from_dict({"batch_size": 3})
     with pytest.raises(ValueError, match="groups .* divisible|minibatches"):
         TrainConfig(groups=1, group_size=1, minibatches=2)
+    with pytest.raises(ValueError, match="end_of_step = False.*needs action_words"):
+        Trainer(_cfg(tmp_path, env="relay", full_vocab=True))
     with pytest.raises(ValueError, match="no checkpoint to resume from"):
         Trainer(_cfg(tmp_path / "empty")).train(resume=True)
     assert cli.main(["train", "--estimator", "ppo2"]) == 2

@@ -6,7 +6,7 @@ built-in tasks. The command line is ``steppo-fast train`` and ``steppo-fast demo
 """
 
 from . import envs
-from .config import TRAIN_ESTIMATORS, TrainConfig
+from .config import METHODS, TRAIN_ESTIMATORS, TrainConfig, method_settings
 from .loop import NonFiniteLoss, Trainer
 
-__all__ = ["NonFiniteLoss", "TRAIN_ESTIMATORS", "TrainConfig", "Trainer", "envs"]
+__all__ = ["METHODS", "NonFiniteLoss", "TRAIN_ESTIMATORS", "TrainConfig", "Trainer", "envs", "method_settings"]

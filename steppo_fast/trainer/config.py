@@ -13,6 +13,28 @@ from typing import Any, Dict, Mapping, Optional
 TRAIN_ESTIMATORS = ("step_gae", "token_gae", "grpo", "rloo", "gigpo", "reinforce_pp")
 # Estimators that need a critic.
 CRITIC_ESTIMATORS = ("step_gae", "token_gae")
+# The methods StepPO's paper compares, as (estimator, policy-ratio level); a config trains one
+# with ``TrainConfig(**method_settings(name))``. An estimator alone gets the ratio of its preset
+# (step for step_gae, token otherwise); ``loss: {ratio_level: ...}`` overrides it.
+METHODS = {
+    "steppo": ("step_gae", "step"),  # step GAE + step ratio
+    "ppo": ("token_gae", "token"),  # token GAE + token ratio
+    "grpo": ("grpo", "token"),
+    "rloo": ("rloo", "token"),
+    "reinforce_pp": ("reinforce_pp", "token"),
+    "gigpo": ("gigpo", "token"),
+    "gspo": ("grpo", "step"),  # GRPO advantages + step (sequence) ratio
+    "step_gae_token_ratio": ("step_gae", "token"),  # ablation: StepPO without the step ratio
+    "token_gae_step_ratio": ("token_gae", "step"),  # ablation: StepPO without step GAE
+}
+
+
+def method_settings(name: str) -> Dict[str, Any]:
+    """``{"estimator": ..., "loss": {"ratio_level": ...}}`` of one of :data:`METHODS`."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    estimator, ratio = METHODS[name]
+    return {"estimator": estimator, "loss": {"ratio_level": ratio}}
 
 # The tiny policy built from a config in code when no model path is given (a Qwen2).
 TINY_MODEL = {
