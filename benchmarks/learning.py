@@ -151,7 +151,9 @@ def run_one(task: str, method: str, seed: int, updates: int, settings: Dict, eva
                       eval_episodes=eval_episodes, log_every=updates + 1, **settings, **method_settings(method))
     tr = Trainer(cfg)
     t0, c0 = time.perf_counter(), time.process_time()
-    hist = tr.train()
+    # A run folder left by an interrupted grid holds no finished result (those live in the json,
+    # which a rerun skips), so it is replaced, not refused.
+    hist = tr.train(overwrite=True)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     t1 = time.perf_counter()
     final = tr.evaluate()

@@ -182,7 +182,8 @@ def main(argv=None) -> int:
     t = sub.add_parser("train", help="train an agent with StepPO or a baseline in a built-in environment",
                        description="Flags override the YAML config; --set key=value sets any other TrainConfig "
                                    "field. Under torchrun the same command trains data-parallel.")
-    t.add_argument("--env", default=None, help="environment: hotpot or lights (default lights)")
+    t.add_argument("--env", default=None,
+                   help="environment: lights (default), hotpot, relay, or one added with envs.register")
     t.add_argument("--estimator", default=None,
                    help="step_gae (StepPO, default), token_gae, grpo, rloo, gigpo or reinforce_pp")
     t.add_argument("--config", default=None, help="YAML file of TrainConfig fields")

@@ -101,7 +101,7 @@ def test_cross_turn_kv_cache_gives_the_log_probs_of_a_full_re_read_in_fp64(tmp_p
     # No end-of-step in this task: every response runs to the budget its environment drew.
     assert tr.sampler.eos not in tr.allowed.tolist()
     for e in eps:
-        env = tr.env_factory()
+        env = tr.env_factory().unwrapped
         env.reset(e.seed)
         lengths = [e.step_ids.count(k) for k in range(e.num_steps)]
         assert lengths == env._budgets[:e.num_steps] and all(8 <= n <= 40 for n in lengths)

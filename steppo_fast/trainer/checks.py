@@ -208,6 +208,11 @@ class CheckedEnv:
             raise AttributeError(attr)
         return getattr(self._env, attr)
 
+    @property
+    def unwrapped(self) -> Any:
+        """The environment itself, unchecked (as gym's ``unwrapped``)."""
+        return self._env
+
     def _where(self) -> str:
         return f"environment {self._name!r}, episode seed {self._seed}, step {self._t}"
 
