@@ -308,8 +308,12 @@ def test_data_parallel_under_torchrun(tmp_path):
            "-m", "steppo_fast.cli", "train", "--updates", "2", "--groups", "4", "--group-size", "2",
            "--out", str(out), "--no-progress", "--device", "cpu", "--set", "eval_episodes=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # Run outside the repository: `-m` puts the working directory first on the path, and the
+    # source tree there (without its compiled modules when the package is installed) would
+    # shadow the steppo_fast under test.
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    assert "using the PyTorch reference" not in r.stderr  # the compiled kernels ran
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["update"] for m in lines] == [0, 1]
     assert all(m["episodes"] == 8 and m["world_size"] == 2 for m in lines)

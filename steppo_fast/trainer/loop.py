@@ -473,8 +473,21 @@ def run(config: TrainConfig, resume: bool = False, stop_after: Optional[int] = N
         gpu = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
         dist.init_process_group("nccl" if gpu else "gloo")
         joined = True
+    trainer, finished = None, False
     try:
-        return Trainer(config).train(resume=resume, stop_after=stop_after, overwrite=overwrite)
+        trainer = Trainer(config)
+        history = trainer.train(resume=resume, stop_after=stop_after, overwrite=overwrite)
+        finished = True
+        return history
     finally:
         if joined:
+            # Leave together: rank 0 still saves the final model when the others are done, and a
+            # rank that tears its process group down under a live DDP wrapper while a peer still
+            # holds connections can abort at exit. Release DDP first, then wait for every rank
+            # (only after a clean finish: a rank that failed would leave the others waiting).
+            if trainer is not None:
+                trainer.ddp = None
+            del trainer
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
