@@ -42,7 +42,8 @@ def _cmd_info(args) -> int:
 # Flags of `train` that map onto TrainConfig fields (flag name -> field name).
 _TRAIN_FLAGS = {"env": "env", "estimator": "estimator", "model": "model", "critic": "critic", "updates": "updates",
                 "groups": "groups", "group_size": "group_size", "seed": "seed", "lr": "lr", "device": "device",
-                "out": "out_dir", "save_every": "save_every", "temperature": "temperature"}
+                "out": "out_dir", "save_every": "save_every", "temperature": "temperature",
+                "tensor_parallel": "tensor_parallel"}
 
 
 def _fail(cmd: str, e: Exception, code: int = 2) -> int:
@@ -196,6 +197,8 @@ def main(argv=None) -> int:
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--temperature", type=float, default=None)
     t.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    t.add_argument("--tensor-parallel", dest="tensor_parallel", type=int, default=None, metavar="T",
+                   help="under torchrun: split the lm_head over the vocabulary across groups of T ranks")
     t.add_argument("--out", default=None, help="run folder: metrics.jsonl, checkpoint.pt, learning_curve.png")
     t.add_argument("--save-every", dest="save_every", type=int, default=None)
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field (repeatable)")

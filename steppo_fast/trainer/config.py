@@ -89,6 +89,9 @@ class TrainConfig:
     # Operations
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
+    # Under torchrun: ranks per tensor-parallel group, which splits the lm_head over the
+    # vocabulary (trainer/parallel.py); the other ranks are data-parallel.
+    tensor_parallel: int = 1
     precision: str = "auto"  # auto: bf16 autocast on a GPU, fp32 on the CPU; or "fp32", "bf16"
     out_dir: str = "runs/steppo"
     save_every: int = 10
@@ -112,7 +115,8 @@ class TrainConfig:
             raise ValueError(f"critic must be 'separate' or 'shared', got {self.critic!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
-        for name in ("updates", "groups", "group_size", "ppo_epochs", "minibatches", "save_every", "log_every"):
+        for name in ("updates", "groups", "group_size", "ppo_epochs", "minibatches", "save_every", "log_every",
+                     "tensor_parallel"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")

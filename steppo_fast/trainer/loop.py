@@ -27,10 +27,11 @@ import torch
 import torch.distributed as dist
 
 from .. import advantages as adv_mod
+from .. import vocab_parallel
 from ..logprob import linear_token_logprobs
 from ..losses import LossConfig, StepPOLoss, value_loss
 from ..ops import available_backends, resolve_backend
-from . import checks
+from . import checks, parallel
 from .config import TrainConfig
 from .models import ActorCritic, attn_implementation, build_policy, build_tokenizer
 from .rollout import Batch, Sampler, play
@@ -54,20 +55,22 @@ def _mix(*xs: int) -> int:
 class Trainer:
     """A StepPO (or baseline) trainer for one environment; see the module docstring.
 
-    Under ``torchrun`` each rank plays ``groups / world_size`` of the tasks, the model is wrapped
-    in DistributedDataParallel (gloo on the CPU, nccl on GPUs), losses are normalised by the
-    global step and token counts so the averaged gradient is the global batch's, and rank 0
-    writes the logs and checkpoints.
+    Under ``torchrun`` each data-parallel rank plays ``groups / data-parallel ranks`` of the
+    tasks, the model is wrapped in DistributedDataParallel (gloo on the CPU, nccl on GPUs),
+    losses are normalised by the global step and token counts so the averaged gradient is the
+    global batch's, and rank 0 writes the logs and checkpoints. With ``tensor_parallel = t``
+    each group of t consecutive ranks splits the lm_head over the vocabulary and plays the same
+    episodes (``trainer.parallel``); there are world / t data-parallel ranks.
     """
 
     def __init__(self, config: TrainConfig):
         self.cfg = cfg = config
-        self.world, self.rank = 1, 0
-        if dist.is_available() and dist.is_initialized():
-            self.world, self.rank = dist.get_world_size(), dist.get_rank()
-        if cfg.groups % self.world:
-            raise ValueError(f"groups ({cfg.groups}) must be divisible by the number of processes ({self.world})")
-        self.local_groups = cfg.groups // self.world
+        self.par = parallel.ParallelLayout.create(cfg.tensor_parallel)
+        self.world, self.rank, self.dp = self.par.world, self.par.rank, self.par.dp
+        if cfg.groups % self.dp:
+            what = "processes" if self.par.tp == 1 else "data-parallel ranks (processes / tensor_parallel)"
+            raise ValueError(f"groups ({cfg.groups}) must be divisible by the number of {what} ({self.dp})")
+        self.local_groups = cfg.groups // self.dp
         if self.local_groups * cfg.group_size < cfg.minibatches:
             raise ValueError(f"minibatches ({cfg.minibatches}) exceeds the episodes per process "
                              f"({self.local_groups * cfg.group_size})")
@@ -81,28 +84,45 @@ class Trainer:
         policy, self.tokenizer = build_policy(cfg.model, tokenizer, cfg.model_config, attn, cfg.seed)
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token: the trainer ends each step at end-of-sequence")
+        vocab_rows = policy.get_output_embeddings().weight.shape[0]
+        self.split_head = parallel.split_lm_head(policy, self.par) if self.par.tp > 1 else None
         self.model = ActorCritic(policy, cfg.critic if cfg.needs_critic else None, cfg.seed).to(self.device)
         self.allowed = self._allowed_tokens(probe)
         if self.allowed is not None:
-            rows = self.model.lm_head.weight.shape[0]
-            self._label_rows = torch.zeros(rows, dtype=torch.long, device=self.device)
+            self._label_rows = torch.zeros(vocab_rows, dtype=torch.long, device=self.device)
             self._label_rows[self.allowed] = torch.arange(len(self.allowed), device=self.device)
         eos = int(getattr(probe, "end_of_step", True))
         max_new = cfg.max_new_tokens or (getattr(probe, "max_action_words", 15) + eos)
-        self.sampler = Sampler(self.model, self.tokenizer, self.allowed, max_new, cfg.temperature, self._autocast)
+        head_rows, gather = None, None
+        if self.split_head is not None:
+            # This rank's rows of the (restricted) head, and the row counts of every rank's.
+            sh = self.split_head
+            if self.allowed is None:
+                head_sizes = sh.sizes
+            else:
+                ends = torch.tensor(sh.sizes).cumsum(0).tolist()
+                starts = [e - n for e, n in zip(ends, sh.sizes)]
+                ids = self.allowed.tolist()
+                head_sizes = [sum(s <= i < e for i in ids) for s, e in zip(starts, ends)]
+                mine = [i - sh.start for i in ids if sh.start <= i < sh.start + sh.size]
+                head_rows = torch.tensor(mine, dtype=torch.long, device=self.device)
+            gather = lambda z: parallel.gather_last_dim(z, head_sizes, sh.group)  # noqa: E731
+        self.sampler = Sampler(self.model, self.tokenizer, self.allowed, max_new, cfg.temperature, self._autocast,
+                               head_rows=head_rows, gather=gather)
         self.ddp = None
-        if self.world > 1:
+        if self.dp > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DDP(self.model, device_ids=ids)
+            self.ddp = DDP(self.model, device_ids=ids, process_group=self.par.dp_group)
         groups = [{"params": self.model.policy_parameters(), "lr": cfg.lr}]
         if self.model.critic_parameters():
             groups.append({"params": self.model.critic_parameters(), "lr": cfg.critic_lr})
         self.optim = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         preset = "steppo" if cfg.estimator == "step_gae" else "ppo"
         self.loss_cfg = LossConfig.preset(preset, **cfg.loss)
-        self.loss_fn = StepPOLoss(self.loss_cfg, temperature=cfg.temperature, backend=cfg.backend)
+        self.loss_fn = StepPOLoss(self.loss_cfg, temperature=cfg.temperature, backend=cfg.backend,
+                                  process_group=self.par.tp_group)
         # value_loss has only the reference (a few elementwise ops over steps): ask for it by name.
         self.vf_backend = cfg.backend
         if cfg.backend == "auto" and available_backends("value_loss", self.device.type) == ["reference"]:
@@ -170,20 +190,22 @@ class Trainer:
         return hidden, values
 
     def tasks(self, update: int, count: int, base: int = 0):
-        """This rank's (group, env seed) pairs for ``update``: a function of the update alone."""
-        first = self.rank * count
+        """This rank's (group, env seed) pairs for ``update``: a function of the update and the
+        data-parallel rank alone (the ranks of a tensor-parallel group play the same tasks)."""
+        first = self.par.dp_rank * count
         return [(first + g, _mix(self.cfg.seed, base, update, first + g) % (2 ** 31)) for g in range(count)]
 
     def generator(self, *key: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        g.manual_seed(_mix(self.cfg.seed, self.rank, *key))
+        g.manual_seed(_mix(self.cfg.seed, self.par.dp_rank, *key))
         return g
 
     def _all_sum(self, *xs: float) -> List[float]:
-        if self.world == 1:
+        """Sums over the data-parallel ranks (a tensor-parallel group counts its episodes once)."""
+        if self.dp == 1:
             return list(xs)
         t = torch.tensor(xs, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=self.par.dp_group)
         return t.tolist()
 
     # ------------------------------------------------------------------ evaluation
@@ -192,7 +214,7 @@ class Trainer:
         """Success rate (share of episodes with a positive return) on held-out tasks, sampling at
         the training temperature; all ranks together."""
         n = self.cfg.eval_episodes if episodes is None else episodes
-        local = -(-n // self.world)
+        local = -(-n // self.dp)
         self.model.eval()
         eps = play(self.sampler, self.env_factory, self.tasks(0, local, base=EVAL_SEED_BASE), 1,
                    self.generator(EVAL_SEED_BASE))
@@ -215,11 +237,12 @@ class Trainer:
         with torch.no_grad():
             hidden, values = self.forward(batch)
             w, b = self.head()
-            old_logp, entropy = linear_token_logprobs(hidden, w.to(hidden.dtype), self.head_labels(batch.labels),
-                                                      layout, cfg.temperature,
-                                                      None if b is None else b.to(hidden.dtype),
-                                                      backend=cfg.backend)
-            pg = True if self.world > 1 else None
+            kw = {} if self.split_head is None else {"process_group": self.par.tp_group}
+            logprobs = linear_token_logprobs if self.split_head is None else vocab_parallel.linear_token_logprobs
+            old_logp, entropy = logprobs(hidden, w.to(hidden.dtype), self.head_labels(batch.labels), layout,
+                                         cfg.temperature, None if b is None else b.to(hidden.dtype),
+                                         backend=cfg.backend, **kw)
+            pg = (self.par.dp_group or True) if self.dp > 1 else None
             adv = adv_mod.compute(cfg.estimator, layout, step_rewards=batch.step_rewards, values=values,
                                   gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten, anchor_keys=batch.anchors,
                                   step_weight=cfg.gigpo_step_weight, process_group=pg, backend=cfg.backend)
@@ -243,12 +266,12 @@ class Trainer:
         out = {"update": u, "episodes": int(n_eps), "world_size": self.world, "success": won / n_eps, "return": ret / n_eps, "steps_per_episode": steps / n_eps,
                "tokens_per_step": toks / steps, "entropy": ent / max(toks, 1.0)}
         means = {k: v / n_mb for k, v in sums.items()}
-        if self.world > 1:
+        if self.dp > 1:
             # pg_loss is normalised by global counts: its sum over ranks is the global loss;
             # the other metrics are local means, averaged over ranks.
             keys = sorted(means)
             tot = self._all_sum(*(means[k] for k in keys))
-            means = {k: t if k == "pg_loss" else t / self.world for k, t in zip(keys, tot)}
+            means = {k: t if k == "pg_loss" else t / self.dp for k, t in zip(keys, tot)}
         out.update(means)
         out.update({"rollout_s": t1 - t0, "update_s": t2 - t1})
         return out
@@ -264,10 +287,10 @@ class Trainer:
         g_steps, g_tok = self._all_sum(float(n_steps), n_tok)
         loss_cfg = self.loss_cfg
         scale = 1.0
-        if self.world > 1:
-            # Normalise by the global counts; DDP averages gradients, so scale back by the world.
+        if self.dp > 1:
+            # Normalise by the global counts; DDP averages gradients, so scale back by the ranks.
             loss_cfg = replace(loss_cfg, global_num_steps=g_steps, global_num_tokens=g_tok)
-            scale = float(self.world)
+            scale = float(self.dp)
         self.loss_fn.config = loss_cfg
         hidden, values = self.forward(mb)
         w, b = self.head()
@@ -287,11 +310,14 @@ class Trainer:
                 vf, vf_clip = value_loss(values.reshape(-1), ov_tok.reshape(-1), ret_tok.reshape(-1), msk,
                                          cfg.value_clip, backend=self.vf_backend)
                 count, g_count = n_tok, g_tok
-            loss = loss + cfg.vf_coef * vf * (count / g_count * self.world)
+            loss = loss + cfg.vf_coef * vf * (count / g_count * self.dp)
             out.update(vf_loss=vf, vf_clipfrac=vf_clip)
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(self.model.policy_parameters(), cfg.max_grad_norm)
+        if self.split_head is None:
+            gn = torch.nn.utils.clip_grad_norm_(self.model.policy_parameters(), cfg.max_grad_norm)
+        else:  # the norm of the whole head, whose slices live on the tensor-parallel group
+            gn = parallel.clip_grad_norm(self.model.policy_parameters(), cfg.max_grad_norm, self.split_head)
         if self.model.critic_parameters():
             torch.nn.utils.clip_grad_norm_(self.model.critic_parameters(), cfg.max_grad_norm)
         out["grad_norm"] = gn
@@ -307,15 +333,29 @@ class Trainer:
     def ckpt_path(self) -> str:
         return os.path.join(self.cfg.out_dir, "checkpoint.pt")
 
+    def _whole_states(self):
+        """(model state, optimiser state) with a split lm_head gathered whole: a collective over
+        the first tensor-parallel group, whose ranks all call it; None on the other ranks."""
+        if self.rank != 0 and (self.split_head is None or self.par.dp_rank != 0):
+            return None
+        model, optim = self.model.state_dict(), self.optim.state_dict()
+        if self.split_head is None:
+            return model, optim
+        return (parallel.whole_state(self.model, self.split_head, model),
+                parallel.whole_optim_state(self.optim, self.split_head, optim))
+
     def save(self, next_update: int) -> None:
+        """Write ``checkpoint.pt`` (rank 0; with a split lm_head, the first tensor-parallel group
+        gathers it whole first, so every rank of the group must call this)."""
+        states = self._whole_states()
         if self.rank != 0:
             return
         os.makedirs(self.cfg.out_dir, exist_ok=True)
         state = {
             "update": next_update,
             "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
-            "optim": self.optim.state_dict(),
+            "model": states[0],
+            "optim": states[1],
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
             "history": self.history,
@@ -346,8 +386,12 @@ class Trainer:
         names = {id(p): n for n, p in self.model.named_parameters()}
         checks.check_restored(state, path, [names[id(p)] for g in self.optim.param_groups for p in g["params"]])
         try:
-            self.model.load_state_dict(state["model"])
-            self.optim.load_state_dict(state["optim"])
+            model_state, optim_state = state["model"], state["optim"]
+            if self.split_head is not None:  # checkpoints hold the whole head: keep this rank's rows
+                model_state = parallel.local_state(self.model, self.split_head, model_state)
+                optim_state = parallel.local_optim_state(self.optim, self.split_head, optim_state)
+            self.model.load_state_dict(model_state)
+            self.optim.load_state_dict(optim_state)
         except (RuntimeError, ValueError, KeyError) as e:
             raise ValueError(f"{path} does not fit the model of these settings: {' '.join(str(e).split())}") from e
         for group, lr in zip(self.optim.param_groups, (cfg.lr, cfg.critic_lr)):
@@ -366,10 +410,15 @@ class Trainer:
         return self.start_update
 
     def save_final(self) -> str:
-        """The trained policy and tokenizer in HF format (loadable with ``model: <path>``)."""
+        """The trained policy and tokenizer in HF format (loadable with ``model: <path>``); a split
+        lm_head is saved whole (every rank of the first tensor-parallel group must call this)."""
         path = os.path.join(self.cfg.out_dir, "final")
+        state = None
+        if self.split_head is not None and self.par.dp_rank == 0:
+            policy = self.model.policy
+            state = parallel.whole_state(policy, self.split_head, policy.state_dict())
         if self.rank == 0:
-            self.model.policy.save_pretrained(path)
+            self.model.policy.save_pretrained(path, **({} if state is None else {"state_dict": state}))
             self.tokenizer.save_pretrained(path)
         return path
 
@@ -427,8 +476,8 @@ class Trainer:
 
             learning_curve(self.history, os.path.join(cfg.out_dir, "learning_curve.png"),
                            f"{cfg.env} / {cfg.estimator}")
-            if end == cfg.updates:
-                self.save_final()
+        if self.history and end == cfg.updates:
+            self.save_final()
         return self.history
 
     def _rewrite_metrics(self) -> None:

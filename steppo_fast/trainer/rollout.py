@@ -58,11 +58,19 @@ class Sampler:
 
     ``allowed`` (A,) restricts sampling to those token ids (the env's action words and
     end-of-step): the head is then the lm_head's rows of those ids, the same head the loss uses.
+
+    With an lm_head split over the vocabulary (``trainer.parallel``), ``head_rows`` are the rows
+    of this rank's slice that :meth:`head` keeps (this rank's share of ``allowed``, or all of its
+    rows) and ``gather`` concatenates every rank's logits over the vocabulary, so each rank samples
+    from the whole distribution (the same token on every rank of the group).
     """
 
     def __init__(self, model, tokenizer, allowed: Optional[Tensor], max_new_tokens: int, temperature: float,
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 head_rows: Optional[Tensor] = None, gather: Optional[Callable[[Tensor], Tensor]] = None):
         self.model = model
+        self.head_rows = allowed if head_rows is None else head_rows
+        self.gather = gather
         self.tokenizer = tokenizer
         self.allowed = allowed
         self.max_new_tokens = max_new_tokens
@@ -72,12 +80,13 @@ class Sampler:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
 
     def head(self):
-        """(weight, bias) of the sampling head: the lm_head, or its rows of the allowed tokens."""
+        """(weight, bias) of the sampling head: the lm_head (this rank's slice of it, when split),
+        or its rows of the allowed tokens."""
         lm = self.model.lm_head
         w, b = lm.weight, getattr(lm, "bias", None)
-        if self.allowed is not None:
-            w = w.index_select(0, self.allowed)
-            b = None if b is None else b.index_select(0, self.allowed)
+        if self.head_rows is not None:
+            w = w.index_select(0, self.head_rows)
+            b = None if b is None else b.index_select(0, self.head_rows)
         return w, b
 
     def start(self, rows: int) -> "TurnCache":
@@ -149,6 +158,8 @@ class Sampler:
             logits = h @ w.t()
             if b is not None:
                 logits = logits + b.to(dt)
+            if self.gather is not None:
+                logits = self.gather(logits)
             logp = torch.log_softmax(logits / self.temperature, dim=-1)
             pick = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
             live = ~finished
