@@ -42,7 +42,13 @@ def record(t, hist):
 
 res = {}
 t = Trainer(cfg("full"))
+res["eval_before"] = t.evaluate(16)  # the same held-out episodes as one process with the whole head
 res["full"] = record(t, t.train())
+if t.split_head is not None:  # writing a checkpoint gathers the Adam moments without touching them
+    live = {k: v.clone() for k, v in t.optim.state[t.split_head.weight].items()}
+    t.save(3)
+    after = t.optim.state[t.split_head.weight]
+    res["optim_untouched"] = all(torch.equal(v, after[k]) and v.shape == after[k].shape for k, v in live.items())
 if mode == "resume":
     Trainer(cfg("part")).train(stop_after=2)
     if rank == 0:  # keep the checkpoint at update 2 for a resume in one process
@@ -79,7 +85,15 @@ def _single(tmp_path, name, **kw):
                 save_every=1, out_dir=str(tmp_path / name))
     base.update(kw)
     t = Trainer(TrainConfig(**base))
+    t.eval_before = t.evaluate(16)  # as the workers do
     return t, t.train()
+
+
+def _close_models(a, b, tol=1e-4):
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        torch.testing.assert_close(a[k], b[k], rtol=tol, atol=tol, msg=k)
 
 
 def _close_histories(a, b, tol=1e-4):
@@ -116,15 +130,15 @@ def test_split_head_trains_as_the_whole_head_does(two_ranks, tmp_path):
     """Same episodes and, to fp32 rounding of the sums' order, the same losses and parameters as
     one process with the whole head (a restricted head and the whole vocabulary)."""
     out, ranks = two_ranks
+    assert ranks[0]["optim_untouched"] and ranks[1]["optim_untouched"]
     for case, kw in (("full", {}), ("vocab", dict(full_vocab=True, env="hotpot", updates=2))):
         t, hist = _single(tmp_path, case, **kw)
+        if case == "full":
+            assert ranks[0]["eval_before"] == ranks[1]["eval_before"] == t.eval_before
         _close_histories(ranks[0][case]["history"], hist)
         whole = torch.load(out / case / "checkpoint.pt", weights_only=False)["model"]
         ref = t.model.state_dict()
-        assert set(whole) == set(ref)
-        for k in ref:
-            assert whole[k].shape == ref[k].shape, k
-            torch.testing.assert_close(whole[k], ref[k], rtol=1e-4, atol=1e-4, msg=k)
+        _close_models(whole, ref)
         name = [k for k in ref if k.endswith("lm_head.weight")][0]
         # The checkpoint holds the whole head: the ranks' rows, in order.
         assert torch.equal(whole[name], torch.cat([r[case]["params"][name] for r in ranks]))
@@ -161,12 +175,32 @@ def test_the_final_model_holds_the_whole_head_and_loads(two_ranks):
             assert torch.equal(v, ranks[0]["full"]["params"]["policy." + k]), k
 
 
+def test_a_rank_without_rows_of_the_restricted_head(tmp_path):
+    """3 ranks on lights (V = 10: slices of 4, 3, 3 rows): the allowed tokens {1, 8, 9} leave the
+    middle rank no rows of the restricted head; it still trains as one process does."""
+    out, ranks = _torchrun(tmp_path, 3, "plain", 3)
+    assert [r["full"]["head_rows"] for r in ranks] == [[0, 4, 10], [4, 3, 10], [7, 3, 10]]
+    t = Trainer(TrainConfig(env="lights", updates=3, groups=4, group_size=2, device="cpu", progress=False,
+                            eval_episodes=4, save_every=1, out_dir=str(tmp_path / "one")))
+    assert t.allowed.tolist() == [1, 8, 9]
+    assert all(r["eval_before"] == t.evaluate(16) for r in ranks)
+    hist = t.train()
+    _close_histories(ranks[0]["full"]["history"], hist)
+    _close_models(torch.load(out / "full" / "checkpoint.pt", weights_only=False)["model"], t.model.state_dict())
+    for r in ranks[1:]:
+        assert r["full"]["history"] == ranks[0]["full"]["history"] and r["optim_untouched"]
+
+
 def test_tensor_and_data_parallel_together(tmp_path):
     """4 processes: 2 data-parallel ranks of 2 tensor-parallel ranks each, against 2 plain
     data-parallel processes with the whole head (the same episodes)."""
-    _, ranks4 = _torchrun(tmp_path, 4, "plain", 2)
-    _, ranks2 = _torchrun(tmp_path, 2, "plain", 1)
+    out4, ranks4 = _torchrun(tmp_path, 4, "plain", 2)
+    out2, ranks2 = _torchrun(tmp_path, 2, "plain", 1)
+    assert ranks4[0]["eval_before"] == ranks2[0]["eval_before"]
     _close_histories(ranks4[0]["full"]["history"], ranks2[0]["full"]["history"])
+    # The checkpoint written under 2 x 2 holds the whole head and matches plain data parallel's.
+    _close_models(torch.load(out4 / "full" / "checkpoint.pt", weights_only=False)["model"],
+                  torch.load(out2 / "full" / "checkpoint.pt", weights_only=False)["model"])
     rows = [r["full"]["head_rows"] for r in ranks4]  # ranks 0, 1 and 2, 3 are the tensor-parallel groups
     assert rows[0] == rows[2] and rows[1] == rows[3] and rows[0][0] == 0 and rows[1][0] == rows[0][1]
     for r in ranks4[1:]:
@@ -211,8 +245,10 @@ def test_split_head_keeps_its_rows_and_cuts_and_restores_state():
     full = opt.state_dict()
     full = {**full, "state": {**full["state"], i: {k: (torch.zeros(11, 8) if k != "step" else v)
                                                     for k, v in full["state"][i].items()}}}
+    full["state"][i]["exp_avg"] = torch.arange(88.0).reshape(11, 8)
     mine = parallel.local_optim_state(opt, head, full)
-    assert mine["state"][i]["exp_avg"].shape == (3, 8) and opt.state_dict()["state"][i]["exp_avg"].abs().sum() > 0
+    assert torch.equal(mine["state"][i]["exp_avg"], torch.arange(64.0, 88.0).reshape(3, 8))
+    assert mine["state"][i]["exp_avg_sq"].shape == (3, 8) and mine["state"][i]["step"] is full["state"][i]["step"]
 
 
 def test_tied_heads_and_groups_that_do_not_divide_are_refused(tmp_path):

@@ -314,6 +314,9 @@ class Trainer:
             out.update(vf_loss=vf, vf_clipfrac=vf_clip)
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
+        if self.split_head is not None:  # replicated parameters: the group's first rank's gradients
+            parallel.share_replicated_grads(list(self.model.parameters()), self.split_head,
+                                            src=self.par.dp_rank * self.par.tp)
         if self.split_head is None:
             gn = torch.nn.utils.clip_grad_norm_(self.model.policy_parameters(), cfg.max_grad_norm)
         else:  # the norm of the whole head, whose slices live on the tensor-parallel group

@@ -14,9 +14,11 @@ seeds and sampling generators are those of their data-parallel rank), so:
   every rank draws the same token with the same generator);
 * the behaviour log-probs and the loss run on ``steppo_fast.vocab_parallel``: each rank reduces
   its slice to a few numbers per token and one all-gather per chunk of tokens combines them, so
-  no rank ever holds more than its slice of the weight or of the logits; the hidden states'
-  gradient is summed over the group in the loss, so the backbones receive the same gradient and
-  stay the same bits on every rank of the group;
+  on this path no rank holds more than its slice of the weight or of the logits; the hidden
+  states' gradient is summed over the group in the loss, so the backbones receive the same
+  gradient, and after the backward the group's first rank broadcasts the gradients of every
+  replicated parameter (one broadcast per dtype), so the backbones and critics stay the same
+  bits on every rank even where a backward kernel is not deterministic (attention on a GPU);
 * gradient clipping takes the norm of the whole head (its slices' squares summed over the group);
 * gradients are averaged over the data-parallel group (DDP over that group).
 
@@ -223,6 +225,29 @@ def local_optim_state(optim: torch.optim.Optimizer, head: VocabParallelHead, sta
                     s[k] = head.local_rows(v).clone()
             per_param[i] = s
     return {**state, "state": per_param}
+
+
+def share_replicated_grads(params: Sequence[Tensor], head: VocabParallelHead, src: int) -> None:
+    """Give every rank of the tensor-parallel group the gradients of global rank ``src`` (the
+    group's first) for every parameter but the head's slices: one broadcast per dtype.
+
+    The ranks of a group compute these gradients from the same parameters and tokens, and the
+    loss sums grad_hidden over the group, so with deterministic kernels they are already the
+    same bits; where a backward is not deterministic (flash or memory-efficient attention on a
+    GPU), copying one rank's keeps the replicated parameters identical instead of drifting.
+    """
+    head_ids = {id(p) for p in head.parameters()}
+    by_dtype: Dict[torch.dtype, List[Tensor]] = {}
+    for p in params:
+        if p.grad is not None and id(p) not in head_ids:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.broadcast(flat, src=src, group=head.group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def clip_grad_norm(params: Sequence[Tensor], max_norm: float, head: VocabParallelHead) -> Tensor:
