@@ -25,7 +25,9 @@ percentile-bootstrap 95% interval; StepPO against each other method paired by se
 initial model, same tasks): the mean difference with a bootstrap interval and the two-sided
 p-value of an exact sign-flip permutation test.
 
-    python -m steppo_fast.benchmarks.learning                  # relay: 9 methods x 5 seeds (~33 min, 2 cores)
+    python -m steppo_fast.benchmarks.learning                  # relay: 9 methods x 5 seeds (30 min, 2 cores)
+    python -m steppo_fast.benchmarks.learning --lam 0.95 --methods StepPO "token PPO" \
+        "step GAE + token ratio" "token GAE + step ratio"    # lambda < 1: learning_relay_lam0.95.*
     python -m steppo_fast.benchmarks.learning --quick          # smoke run (2 seeds, 2 tiny updates)
     python -m steppo_fast.benchmarks.learning --tasks lights hotpot --seeds 3
 """
@@ -386,6 +388,8 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="discard the runs already in the results file")
     p.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
     p.add_argument("--runs-dir", default=os.path.join("runs", "learning"), help="per-run training folders")
+    p.add_argument("--lam", type=float, default=None,
+                   help="GAE lambda for every method (default 1); another value adds _lam<value> to the file names")
     p.add_argument("--machine-note", default="", help="a sentence about the machine for the table (e.g. shared)")
     args = p.parse_args(argv)
     out = args.out or default_out_dir()
@@ -395,9 +399,13 @@ def main(argv=None) -> int:
     threads = max(1, cpus // jobs)
     seeds = args.seeds or (2 if args.quick else 5)
     tag = "_quick" if args.quick else ""
+    if args.lam is not None and not 0.0 <= args.lam <= 1.0:
+        p.error(f"--lam must lie in [0, 1], got {args.lam}")
+    if args.lam is not None and args.lam != SHARED["lam"]:
+        tag += f"_lam{args.lam:g}"
     for task in args.tasks:
         updates = args.updates or (2 if args.quick else UPDATES[task])
-        shared = {**SHARED, **(QUICK if args.quick else {})}
+        shared = {**SHARED, **(QUICK if args.quick else {}), **({} if args.lam is None else {"lam": args.lam})}
         settings = {**shared, "updates": updates, "seeds": seeds,
                     "eval_episodes": 8 if args.quick else EVAL_EPISODES}
         path = os.path.join(out, f"learning_{task}{tag}.json")

@@ -98,3 +98,18 @@ def test_grid_writes_each_run_resumes_and_refuses_other_settings(tmp_path, monke
     assert (out / "learning_relay_quick_bars.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="other settings.*updates"):
         learning.main([*argv[:-4], "--updates", "2", "--out", str(out), "--runs-dir", str(runs_dir)])
+
+
+def test_lambda_option_names_its_files_and_reaches_the_runs(tmp_path, monkeypatch):
+    out = tmp_path / "results"
+    seen = []
+    real = learning.run_one
+    monkeypatch.setattr(learning, "run_one", lambda *a: seen.append(a[4]["lam"]) or real(*a))
+    argv = ["--quick", "--seeds", "1", "--methods", "StepPO", "--jobs", "1", "--updates", "1", "--lam", "0.9",
+            "--out", str(out), "--runs-dir", str(tmp_path / "runs")]
+    assert learning.main(argv) == 0
+    assert seen == [0.9]
+    data = json.loads((out / "learning_relay_quick_lam0.9.json").read_text())
+    assert data["settings"]["lam"] == 0.9 and "lambda 0.9" in (out / "learning_relay_quick_lam0.9.md").read_text()
+    with pytest.raises(SystemExit):
+        learning.main([*argv[:-6], "--lam", "1.5", "--out", str(out)])
