@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from episodes import make_episodes, step_rows
@@ -303,11 +303,16 @@ def test_step_gae_gamma_lambda_one_is_reward_to_go_minus_value(seed, n_traj):
 
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(2, 50))
+@example(seed=56, n=2)
 def test_whitened_steps_have_mean0_std1(seed, n):
     x = torch.randn(n, dtype=D, generator=torch.Generator().manual_seed(seed)) * 3 + 1
     w = ref.whiten_steps(x)
     assert abs(float(w.mean())) < 1e-10
-    assert abs(float(w.std()) - 1.0) < 1e-6
+    # std(w) = std(x) / (std(x) + eps): 1 up to eps / std(x), which is not small when two
+    # draws land close together (seed 56, n 2: std(x) 0.003, std(w) 1 - 3.5e-6).
+    s = float(x.std())
+    assert abs(float(w.std()) - s / (s + ref.WHITEN_STEP_EPS)) < 1e-12
+    assert abs(float(w.std()) - 1.0) <= 2 * ref.WHITEN_STEP_EPS / s
 
 
 @pytest.mark.parametrize("ratio_level", ["step", "token"])
