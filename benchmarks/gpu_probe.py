@@ -38,7 +38,7 @@ import steppo_fast as sf
 from steppo_fast import ops
 
 from .bench_linear_head import make_batch
-from .harness import environment, time_median_ms
+from .harness import environment, peak_memory_bytes, time_median_ms
 
 FULL = {"copy_elems": 16384 * 151936, "lp_n": 16384, "lp_v": 151936, "fl_n": 16384, "fl_h": 4096, "fl_v": 151936,
         "fl_t": 256, "sync_n": 2048, "sync_v": 32000, "sync_h": 1024}
@@ -84,12 +84,7 @@ class Probe:
         if self.device != "cuda":
             fn()
             return 0.0
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return float(torch.cuda.max_memory_allocated() - base)
+        return float(peak_memory_bytes(fn, "cuda"))
 
     # ------------------------------------------------------------------ sections
     def copy(self) -> Dict[str, Any]:

@@ -48,19 +48,25 @@ def _mask_for(mask_or_layout: MaskOrLayout, lead_shape, device) -> Tensor:
     return (m if m.dtype == torch.bool else m != 0).reshape(-1)
 
 
-def _check_labels(labels: Tensor, lead_shape, device, vocab: int, mask: Tensor, validate: bool,
-                  raw_mask=None) -> Tensor:
-    """labels (lead_shape) int32/int64 on ``device``, flattened. With ``validate``, one host sync
-    checks that every masked-in label lies in [0, vocab) and that a float ``raw_mask`` holds no NaN."""
+def _flat_labels(labels: Tensor, lead_shape, device, inputs: str = "logits") -> Tensor:
+    """labels (lead_shape) int32/int64 on ``device``, flattened (no pass over the values);
+    ``inputs`` names what they must match in the errors."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
     if labels.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"labels must be int32 or int64, got {labels.dtype}")
     if tuple(labels.shape) != tuple(lead_shape):
-        raise ValueError(f"labels must have shape {tuple(lead_shape)} to match the logits, got {tuple(labels.shape)}")
+        raise ValueError(f"labels must have shape {tuple(lead_shape)} to match the {inputs}, got {tuple(labels.shape)}")
     if labels.device != device:
-        raise ValueError(f"labels are on {labels.device} but the logits are on {device}")
-    y = labels.reshape(-1)
+        raise ValueError(f"labels are on {labels.device} but the {inputs} are on {device}")
+    return labels.reshape(-1)
+
+
+def _check_labels(labels: Tensor, lead_shape, device, vocab: int, mask: Tensor, validate: bool,
+                  raw_mask=None) -> Tensor:
+    """labels (lead_shape) int32/int64 on ``device``, flattened. With ``validate``, one host sync
+    checks that every masked-in label lies in [0, vocab) and that a float ``raw_mask`` holds no NaN."""
+    y = _flat_labels(labels, lead_shape, device)
     nan_mask = isinstance(raw_mask, Tensor) and raw_mask.is_floating_point()
     if validate and (y.numel() or nan_mask):
         bad = mask & ((y < 0) | (y >= vocab))

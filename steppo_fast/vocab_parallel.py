@@ -419,15 +419,10 @@ def _check_hidden(hidden) -> None:
 
 
 def _labels(labels, lead, device) -> Tensor:
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
-    if labels.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"labels must be int32 or int64, got {labels.dtype}")
-    if tuple(labels.shape) != tuple(lead):
-        raise ValueError(f"labels must have shape {tuple(lead)}, got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels are on {labels.device} but the inputs are on {device}")
-    return labels.reshape(-1).contiguous()
+    """Flattened labels; their range is checked with the ranks' table (``_agree``), not here."""
+    from .logprob import _flat_labels
+
+    return _flat_labels(labels, lead, device, inputs="inputs").contiguous()
 
 
 def _requires_grad(t: Optional[Tensor]) -> bool:
