@@ -385,7 +385,7 @@ class StepLayout:
                 follow each other with no tool tokens in between). Ignored off the mask.
             validate: check that every row has at least one agent token (a trajectory with no
                 step is almost always a mistake in the mask) and that group ids are
-                non-negative; one synchronisation on CUDA.
+                non-negative; one synchronisation on CUDA (one more per float mask, for NaN).
 
         Built with tensor operations only (no loop over rows or steps); works on any device.
         :func:`step_ids_from_turns` gives the same steps as a (B, T) ``step_ids`` tensor.
@@ -400,11 +400,13 @@ class StepLayout:
             if step_starts is not None:
                 _check_no_nan("step_starts", step_starts)
             empty = (step_ids < 0).all(dim=1)
-            if bool(empty.any()):
+            negative = group_id < 0 if group_id is not None else empty.new_zeros(1)
+            any_empty, any_negative = torch.stack([empty.any(), negative.any()]).tolist()  # one sync for both
+            if any_empty:
                 r = _first_true(empty)
                 raise ValueError(f"row {r}: response_mask has no agent token, so the trajectory has no step; "
                                  "drop the row or mark its generated tokens")
-            if group_id is not None and bool((group_id < 0).any()):
+            if any_negative:
                 r = _first_true(group_id < 0)
                 raise ValueError(f"group_id must be non-negative: row {r} has {int(group_id[r])}")
         return cls.from_packed(step_ids, group_id, validate=False)
